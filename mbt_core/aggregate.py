@@ -1,0 +1,143 @@
+"""Fusing a layer's branch outputs: one pure function shared by every caller.
+
+The in-process model and the aggregator gateway both call :func:`aggregate`, so a healthy
+distributed step and an in-process step compute bit-for-bit the same thing.
+
+With weights ``alpha`` and a mask ``m`` (a missing branch, or an output rejected as non-finite
+or oversized), the fused output is ``sum_i alpha~_i z_i`` with
+``alpha~_i = m_i alpha_i / sum_j m_j alpha_j``. Masks and rejection work per row (one token
+position of one sequence), so one bad position does not discard a branch's whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mbt_core.errors import NoBranchAvailable
+
+MODES = ("mean", "trimmed", "median")
+_MEDIAN_HALF_WINDOW = 1e-9  # the median is the weighted quantile window [0.5 - w, 0.5 + w]
+
+
+@dataclass(frozen=True)
+class Aggregated:
+    """Fused output plus what happened to every branch, for metrics and per-token info.
+
+    ``weights``, ``accepted`` and ``rejected`` have shape ``(K, *rows)`` where ``rows`` are the
+    leading dimensions of one branch output (everything but the last).
+    """
+
+    output: Tensor  # (*rows, C)
+    weights: Tensor  # renormalized alpha~, zero where not accepted
+    accepted: Tensor  # bool: used in the fused output
+    rejected: Tensor  # bool: present but refused (non-finite or norm beyond the bound)
+
+    def lost_mass(self, alpha: Tensor) -> Tensor:
+        """Weight mass renormalized away per row: ``1 - sum_i m_i alpha_i``."""
+        shape = (-1,) + (1,) * (self.accepted.dim() - 1)
+        kept = (alpha.reshape(shape).to(self.weights.dtype) * self.accepted).sum(0)
+        return 1.0 - kept
+
+
+def aggregate(
+    outputs: Tensor,
+    weights: Tensor,
+    mask: Tensor | None = None,
+    mode: str = "mean",
+    *,
+    norm_factor: float | None = 8.0,
+    trim_fraction: float = 0.25,
+) -> Aggregated:
+    """Fuse ``outputs`` of shape ``(K, *rows, C)`` with branch weights ``weights`` ``(K,)``.
+
+    ``mask`` is ``(K,)`` or ``(K, *rows)`` booleans, True where the branch answered; masked
+    outputs may hold anything (zeros, stale data, NaN) and are never read. Present outputs are
+    rejected when they hold NaN/Inf or, with ``norm_factor``, when their norm exceeds
+    ``norm_factor`` times the lower median norm of the row's other valid outputs.
+
+    Modes: ``mean`` (weighted mean), ``trimmed`` (coordinate-wise weighted mean after cutting
+    ``trim_fraction`` of weight mass from each tail), ``median`` (coordinate-wise weighted
+    median). Raises :class:`NoBranchAvailable` when a row has no usable branch left.
+    """
+    if mode not in MODES:
+        raise ValueError(f"aggregation mode must be one of {MODES}, got {mode!r}")
+    if outputs.dim() < 2:
+        raise ValueError(f"outputs must have shape (K, ..., C), got {tuple(outputs.shape)}")
+    k = outputs.shape[0]
+    if weights.shape != (k,):
+        raise ValueError(f"weights must have shape ({k},), got {tuple(weights.shape)}")
+    rows = outputs.shape[1:-1]
+    z = outputs.reshape(k, -1, outputs.shape[-1])  # (K, N, C)
+    present = _row_mask(mask, k, rows, z.shape[1], z.device)  # (K, N)
+
+    valid = present & torch.isfinite(z).all(-1)
+    if norm_factor is not None:
+        norms = torch.linalg.vector_norm(z.float(), dim=-1)  # (K, N)
+        bound = norm_factor * _lower_median(norms, valid)  # (N,)
+        valid = valid & (norms <= bound)
+    if not bool(valid.any(0).all()):
+        raise NoBranchAvailable(
+            f"no branch left to aggregate: {int(present.sum(0).min())} present, "
+            "all masked or rejected (non-finite or norm beyond bound)"
+        )
+
+    w = weights.to(z.dtype)[:, None] * valid  # (K, N)
+    total = w.sum(0, keepdim=True)
+    if bool((total <= 0).any()):
+        raise NoBranchAvailable("the branches left to aggregate all carry zero weight")
+    w = w / total
+    zc = torch.where(valid[..., None], z, torch.zeros((), dtype=z.dtype, device=z.device))
+
+    if mode == "mean":
+        fused = torch.einsum("kn,knc->nc", w, zc)
+    elif mode == "trimmed":
+        fused = _quantile_mean(zc, w, trim_fraction, 1.0 - trim_fraction)
+    else:
+        fused = _quantile_mean(zc, w, 0.5 - _MEDIAN_HALF_WINDOW, 0.5 + _MEDIAN_HALF_WINDOW)
+
+    return Aggregated(
+        output=fused.reshape(*rows, z.shape[-1]),
+        weights=w.reshape(k, *rows),
+        accepted=valid.reshape(k, *rows),
+        rejected=(present & ~valid).reshape(k, *rows),
+    )
+
+
+def _row_mask(
+    mask: Tensor | None, k: int, rows: torch.Size, n: int, device: torch.device
+) -> Tensor:
+    if mask is None:
+        return torch.ones(k, n, dtype=torch.bool, device=device)
+    mask = mask.to(device=device, dtype=torch.bool)
+    if mask.shape == (k,):
+        return mask[:, None].expand(k, n)
+    if mask.shape == (k, *rows):
+        return mask.reshape(k, n)
+    raise ValueError(f"mask must have shape ({k},) or {(k, *rows)}, got {tuple(mask.shape)}")
+
+
+def _lower_median(values: Tensor, valid: Tensor) -> Tensor:
+    """Lower median over K of ``values`` (K, N), counting only ``valid`` entries."""
+    filled = torch.where(valid, values, torch.full_like(values, float("inf")))
+    ordered = filled.sort(0).values
+    index = ((valid.sum(0) - 1).clamp(min=0) // 2)[None]  # (1, N)
+    return ordered.gather(0, index)[0]
+
+
+def _quantile_mean(z: Tensor, w: Tensor, lo: float, hi: float) -> Tensor:
+    """Per coordinate, the weighted mean of the values whose weight mass lies in [lo, hi].
+
+    Values are sorted per coordinate; each one owns the interval of cumulative weight it spans,
+    and counts with the length of that interval's overlap with [lo, hi]. Zero-weight (masked)
+    values own empty intervals and so never count.
+    """
+    values, order = z.sort(0)  # (K, N, C)
+    ws = w[..., None].expand_as(z).gather(0, order).double()
+    upper = ws.cumsum(0)
+    lower = upper - ws
+    share = (upper.clamp(max=hi) - lower.clamp(min=lo)).clamp(min=0.0)
+    share = share / share.sum(0, keepdim=True)
+    return (share * values.double()).sum(0).to(z.dtype)

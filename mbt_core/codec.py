@@ -1,0 +1,69 @@
+"""Tensors on the wire: ``mbt.v1.Tensor`` <-> ``torch.Tensor``.
+
+Encoding reinterprets the tensor's memory as bytes (one copy into the protobuf message, which
+owns its bytes); decoding wraps the message's bytes with ``torch.frombuffer`` without copying,
+so a decoded tensor is read-only in spirit: clone it before writing into it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import torch
+
+from mbt_core.errors import CodecError
+from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
+
+MAX_RANK = 8
+_TO_WIRE = {
+    torch.float32: pb.DTYPE_FLOAT32,
+    torch.float16: pb.DTYPE_FLOAT16,
+    torch.bfloat16: pb.DTYPE_BFLOAT16,
+}
+_FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
+
+if sys.byteorder != "little":  # the wire is little-endian; no big-endian host is supported yet
+    raise ImportError("mbt_core.codec needs a little-endian host")
+
+
+def dtype_name(code: int) -> str:
+    return pb.DType.Name(code) if code in pb.DType.values() else f"unknown dtype {code}"
+
+
+def encode(tensor: torch.Tensor) -> pb.Tensor:
+    """Encode a CPU or GPU tensor of a supported dtype (C order, little-endian)."""
+    code = _TO_WIRE.get(tensor.dtype)
+    if code is None:
+        raise CodecError(f"cannot send dtype {tensor.dtype}; supported: float32, float16, bfloat16")
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return pb.Tensor(
+        dtype=code, shape=list(tensor.shape), buffer=flat.view(torch.uint8).numpy().tobytes()
+    )
+
+
+def decode(msg: pb.Tensor, max_elements: int | None = None) -> torch.Tensor:
+    """Decode without copying; every inconsistency is a :class:`CodecError`."""
+    if msg.compression != pb.COMPRESSION_NONE:
+        raise CodecError(f"unsupported compression {msg.compression}")
+    dtype = _FROM_WIRE.get(msg.dtype)
+    if dtype is None:
+        raise CodecError(f"unsupported tensor dtype: {dtype_name(msg.dtype)}")
+    shape = tuple(msg.shape)
+    if len(shape) > MAX_RANK or any(d < 0 for d in shape):
+        raise CodecError(f"invalid tensor shape {shape}")
+    count = math.prod(shape)
+    if max_elements is not None and count > max_elements:
+        raise CodecError(f"tensor of {count} elements exceeds the limit of {max_elements}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(msg.buffer) != count * itemsize:
+        raise CodecError(
+            f"tensor buffer has {len(msg.buffer)} bytes, shape {shape} of {dtype_name(msg.dtype)} "
+            f"needs {count * itemsize}"
+        )
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():  # the bytes are immutable; callers never write into them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(msg.buffer, dtype=dtype).view(shape)

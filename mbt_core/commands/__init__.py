@@ -1,0 +1,18 @@
+"""Subcommands of ``mbt``: each module has ``add_arguments(parser)`` and ``run(args) -> int``."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from mbt_core.commands import diagnose, evaluate, export, generate, keys, sign, train, verify
+
+COMMANDS: dict[str, ModuleType] = {
+    "train": train,
+    "generate": generate,
+    "eval": evaluate,
+    "diagnostics": diagnose,
+    "export": export,
+    "keys": keys,
+    "sign": sign,
+    "verify": verify,
+}

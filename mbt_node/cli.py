@@ -1,0 +1,165 @@
+"""``mbt-node``: serve some branches of a signed MBT model on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvloop
+
+from mbt_core.discovery import parse_branches
+from mbt_core.errors import MbtError
+from mbt_node.config import BatchingConfig, NodeConfig, NodeLimits
+from mbt_node.server import run_node
+
+EPILOG = """\
+example:
+  mbt-node --artifacts model/ --trusted-key owner.public.pem --serve 0:0,1:0 --listen 127.0.0.1:7001
+
+The node verifies the manifest's signatures, expiry and version, loads only the branch files it
+serves (each checked against its SHA-256 in the manifest), then answers gRPC on --listen and
+advertises itself over mDNS as _mbt._tcp.local. on --interface. SIGTERM drains and exits 0.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    lim, bat = NodeLimits(), BatchingConfig()
+    p = argparse.ArgumentParser(
+        prog="mbt-node",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--artifacts", type=Path, required=True, help="artifact folder (mbt export)")
+    p.add_argument(
+        "--trusted-key",
+        type=Path,
+        action="append",
+        required=True,
+        help="public key trusted to sign the manifest; repeat for several",
+    )
+    p.add_argument("--threshold", type=int, default=1, help="trusted signatures required")
+    p.add_argument(
+        "--serve",
+        type=parse_branches,
+        required=True,
+        metavar="L:B[,L:B...]",
+        help="branches to serve, as layer:branch pairs",
+    )
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:0",
+        help="gRPC address (port 0 picks a free one; 0.0.0.0:PORT for a LAN)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument(
+        "--advertise",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="announce the node over mDNS/DNS-SD",
+    )
+    p.add_argument(
+        "--interface", default="127.0.0.1", help="IPv4 address to advertise on and bind mDNS to"
+    )
+    p.add_argument(
+        "--node-key",
+        type=Path,
+        default=None,
+        help="private key (mbt keys generate) whose fingerprint is the node id",
+    )
+    p.add_argument(
+        "--state-file",
+        type=Path,
+        default=None,
+        help="rollback-protection state (default: $MBT_STATE_DIR or ~/.local/state/mbt)",
+    )
+    p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--max-sessions", type=int, default=lim.max_sessions)
+    p.add_argument("--max-cached-tokens", type=int, default=lim.max_cached_tokens)
+    p.add_argument("--max-steps-per-call", type=int, default=lim.max_steps_per_call)
+    p.add_argument("--max-tokens-per-call", type=int, default=lim.max_tokens_per_call)
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=0,
+        help="largest gRPC message (0: computed from the model and the call limits)",
+    )
+    p.add_argument(
+        "--session-ttl-s",
+        type=float,
+        default=lim.session_ttl_s,
+        help="idle seconds before a session's caches are dropped",
+    )
+    p.add_argument(
+        "--max-batch-steps",
+        type=int,
+        default=bat.max_batch_steps,
+        help="session steps merged into one batched forward",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=bat.max_wait_ms,
+        help="extra wait for more calls to merge (0: merge what queued meanwhile)",
+    )
+    p.add_argument(
+        "--inline-max-positions",
+        type=int,
+        default=bat.inline_max_positions,
+        help="batches up to this many positions run on the event loop thread",
+    )
+    p.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    return NodeConfig(
+        artifacts=args.artifacts,
+        trusted_keys=tuple(args.trusted_key),
+        serve=args.serve,
+        threshold=args.threshold,
+        listen=args.listen,
+        device=args.device,
+        dtype=args.dtype,
+        advertise=args.advertise,
+        interface=args.interface,
+        node_key=args.node_key,
+        state_file=args.state_file,
+        torch_threads=args.torch_threads,
+        limits=NodeLimits(
+            max_sessions=args.max_sessions,
+            max_cached_tokens=args.max_cached_tokens,
+            max_steps_per_call=args.max_steps_per_call,
+            max_tokens_per_call=args.max_tokens_per_call,
+            max_message_bytes=args.max_message_bytes,
+            session_ttl_s=args.session_ttl_s,
+        ),
+        batching=BatchingConfig(
+            max_batch_steps=args.max_batch_steps,
+            max_wait_ms=args.batch_wait_ms,
+            inline_max_positions=args.inline_max_positions,
+        ),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    try:
+        uvloop.run(run_node(config_from_args(args)))
+    except (MbtError, ValueError, OSError) as exc:
+        print(f"mbt-node: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

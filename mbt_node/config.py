@@ -1,0 +1,84 @@
+"""Node configuration, built once by the CLI and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class NodeLimits:
+    """Bounds that keep a small machine alive under load; beyond them calls are refused."""
+
+    max_sessions: int = 256
+    max_cached_tokens: int = 262_144  # positions over all sessions and branches
+    max_steps_per_call: int = 256
+    max_tokens_per_call: int = 4096
+    max_message_bytes: int = 0  # 0: computed from the model (max_tokens_per_call x d_model)
+    session_ttl_s: float = 300.0  # an idle session's caches are dropped after this
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_sessions",
+            "max_cached_tokens",
+            "max_steps_per_call",
+            "max_tokens_per_call",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_message_bytes < 0 or self.session_ttl_s <= 0:
+            raise ValueError("max_message_bytes must be >= 0 and session_ttl_s > 0")
+
+    def message_bytes(self, d_model: int, n_branches: int) -> int:
+        """The receive/send cap: the largest legitimate Forward plus headroom for metadata."""
+        if self.max_message_bytes:
+            return self.max_message_bytes
+        return self.max_tokens_per_call * d_model * 4 * max(1, n_branches) + (1 << 20)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Merging of concurrent calls for one branch into one batched forward."""
+
+    max_batch_steps: int = 64  # session steps in one batched forward
+    max_wait_ms: float = 0.0  # extra wait for more calls; 0 merges what queued meanwhile
+    # Batches of at most this many positions run on the event loop thread: for them a hop to
+    # the torch thread and back costs more than the compute (decode steps are 1 position).
+    inline_max_positions: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_batch_steps <= 0 or self.max_wait_ms < 0 or self.inline_max_positions < 0:
+            raise ValueError(
+                "max_batch_steps must be positive, max_wait_ms and inline_max_positions >= 0"
+            )
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    artifacts: Path
+    trusted_keys: tuple[Path, ...]
+    serve: tuple[tuple[int, int], ...]
+    threshold: int = 1
+    listen: str = "127.0.0.1:0"
+    device: str = "cpu"
+    dtype: str = "float32"
+    advertise: bool = True
+    interface: str = "127.0.0.1"  # address advertised over mDNS and bound by zeroconf
+    node_key: Path | None = None  # private key whose fingerprint is the node id
+    state_file: Path | None = None  # rollback-protection state (default: per user)
+    torch_threads: int = 1  # several nodes often share one machine
+    drain_grace_s: float = 10.0
+    limits: NodeLimits = field(default_factory=NodeLimits)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.serve:
+            raise ValueError("a node must serve at least one branch (--serve L:B,...)")
+        if not self.trusted_keys:
+            raise ValueError("at least one --trusted-key is needed to verify the manifest")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        if self.torch_threads <= 0:
+            raise ValueError("torch_threads must be positive")

@@ -1,0 +1,97 @@
+"""What a node serves once loaded: verified manifest, its branches, caches and batchers."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mbt_core.artifacts import load_branch, load_verified_manifest
+from mbt_core.branch import Branch
+from mbt_core.discovery import NodeRecord
+from mbt_core.manifest import Manifest, manifest_digest
+from mbt_core.signing import key_id, load_private_key
+from mbt_node.batcher import BranchBatcher
+from mbt_node.config import NodeConfig
+from mbt_node.sessions import BranchKey, SessionStore
+
+log = logging.getLogger("mbt_node")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class NodeRuntime:
+    cfg: NodeConfig
+    manifest: Manifest
+    manifest_sha256: str
+    node_id: str
+    branches: dict[BranchKey, Branch]
+    store: SessionStore
+    batchers: dict[BranchKey, BranchBatcher]
+    executor: ThreadPoolExecutor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.cfg.dtype]
+
+    def record(self) -> NodeRecord:
+        return NodeRecord(
+            node_id=self.node_id,
+            model_id=self.manifest.model_id,
+            model_version=self.manifest.model_version,
+            manifest_sha256=self.manifest_sha256,
+            branches=tuple(sorted(self.branches)),
+            device=self.cfg.device,
+        )
+
+    async def close(self) -> None:
+        for batcher in self.batchers.values():
+            await batcher.stop()
+        self.executor.shutdown(wait=True)
+
+
+def node_identity(key_path: Path | None) -> str:
+    """The fingerprint of the node's key, or a random id for a node without one."""
+    if key_path is None:
+        import uuid
+
+        return "anon-" + uuid.uuid4().hex[:16]
+    return key_id(load_private_key(key_path).public_key())
+
+
+def verify_manifest(cfg: NodeConfig) -> Manifest:
+    """Signatures, expiry and rollback of the manifest; the served branches must exist."""
+    manifest = load_verified_manifest(
+        cfg.artifacts, list(cfg.trusted_keys), cfg.threshold, cfg.state_file
+    )
+    config = manifest.config
+    for layer, branch in cfg.serve:
+        if layer >= config.n_layers or branch >= config.branches[layer]:
+            raise ValueError(
+                f"--serve {layer}:{branch}: the model has {config.n_layers} layers with "
+                f"{list(config.branches)} branches"
+            )
+    return manifest
+
+
+def load_runtime(cfg: NodeConfig, manifest: Manifest) -> NodeRuntime:
+    """Load only the served branches, each hash-checked as it is read; blocking."""
+    torch.set_num_threads(cfg.torch_threads)
+    node_id = node_identity(cfg.node_key)
+    branches = {}
+    for key in cfg.serve:
+        branch = load_branch(cfg.artifacts, manifest, *key)
+        branches[key] = branch.to(device=cfg.device, dtype=DTYPES[cfg.dtype]).eval()
+        log.info(
+            "loaded layer %d branch %d (%s)", key[0], key[1], manifest.branch(*key).sha256[:12]
+        )
+    context = manifest.config.context_length
+    store = SessionStore(cfg.limits, context, lambda k: branches[k].new_cache())
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+    batchers = {k: BranchBatcher(k, b, store, executor, cfg.batching) for k, b in branches.items()}
+    return NodeRuntime(
+        cfg, manifest, manifest_digest(manifest), node_id, branches, store, batchers, executor
+    )

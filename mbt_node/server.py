@@ -1,0 +1,98 @@
+"""The node process: serve gRPC (with health and reflection), load, advertise, drain.
+
+Order of events: the server starts answering at once with health NOT_SERVING; the manifest is
+verified and the served branches are loaded (a failure stops the process with a clear
+message); health turns SERVING and the node is advertised. On SIGTERM or SIGINT: health
+NOT_SERVING, mDNS unregistered, in-flight calls finished within the grace period, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from mbt_core.discovery import format_branches
+from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
+from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
+from mbt_node.advertise import Advertiser
+from mbt_node.config import NodeConfig
+from mbt_node.runtime import NodeRuntime, load_runtime, verify_manifest
+from mbt_node.servicer import BranchServicer
+
+log = logging.getLogger("mbt_node")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BranchService"].full_name
+
+
+async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set or a termination signal arrives."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    manifest = await loop.run_in_executor(None, verify_manifest, cfg)
+    max_bytes = cfg.limits.message_bytes(manifest.config.d_model, len(cfg.serve))
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", max_bytes),
+        ]
+    )
+    servicer = BranchServicer()
+    pb_grpc.add_BranchServiceServicer_to_server(servicer, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = server.add_insecure_port(cfg.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {cfg.listen}")
+    await server.start()
+    runtime: NodeRuntime | None = None
+    advertiser: Advertiser | None = None
+    try:
+        runtime = await loop.run_in_executor(None, load_runtime, cfg, manifest)
+        for batcher in runtime.batchers.values():
+            batcher.start()
+        servicer.runtime = runtime
+        await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.advertise:
+            advertiser = Advertiser(runtime.record(), cfg.interface, port)
+            await advertiser.start()
+        host = cfg.listen.rsplit(":", 1)[0]
+        served = format_branches(tuple(sorted(runtime.branches)))
+        advertised = f", advertised as {advertiser.name}" if advertiser else ""
+        print(
+            f"mbt-node ready: listening on {host}:{port}, serving {served}, node id "
+            f"{runtime.node_id}, manifest {runtime.manifest_sha256[:16]}{advertised}",
+            flush=True,
+        )
+        await stop.wait()
+        log.info("draining")
+    finally:
+        await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if advertiser is not None:
+            await advertiser.stop()
+        await server.stop(cfg.drain_grace_s)
+        if runtime is not None:
+            await runtime.close()
+    print("mbt-node stopped", file=sys.stderr, flush=True)
+
+
+async def _set_health(health: health_aio.HealthServicer, status: int) -> None:
+    for service in ("", SERVICE_NAME):
+        await health.set(service, status)

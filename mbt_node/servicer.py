@@ -1,0 +1,146 @@
+"""``mbt.v1.BranchService``: validate at the boundary, batch below, abort with a clear status."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import torch
+
+from mbt_core.codec import decode, encode
+from mbt_core.discovery import PROTOCOL_VERSION, format_branches
+from mbt_core.errors import CodecError
+from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
+from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
+from mbt_node.batcher import BranchResult
+from mbt_node.runtime import NodeRuntime
+from mbt_node.sessions import Step
+from mbt_node.status import StatusError
+
+MAX_SESSION_ID = 128
+_WIRE_DTYPE = {torch.float32: pb.DTYPE_FLOAT32, torch.bfloat16: pb.DTYPE_BFLOAT16}
+
+
+class BranchServicer(pb_grpc.BranchServiceServicer):
+    """Answers UNAVAILABLE until ``runtime`` is set (the node is still loading)."""
+
+    def __init__(self) -> None:
+        self.runtime: NodeRuntime | None = None
+
+    def _ready(self) -> NodeRuntime:
+        if self.runtime is None:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, "node is loading its branches")
+        return self.runtime
+
+    async def Describe(
+        self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DescribeResponse:
+        try:
+            rt = self._ready()
+        except StatusError as err:
+            await context.abort(err.code, err.details)
+        cfg = rt.manifest.config
+        lim = rt.cfg.limits
+        return pb.DescribeResponse(
+            node_id=rt.node_id,
+            model_id=rt.manifest.model_id,
+            model_version=rt.manifest.model_version,
+            manifest_sha256=rt.manifest_sha256,
+            branches=[
+                pb.ServedBranch(
+                    layer=lay, branch=b, artifact_sha256=rt.manifest.branch(lay, b).sha256
+                )
+                for lay, b in sorted(rt.branches)
+            ],
+            device=rt.cfg.device,
+            dtype=_WIRE_DTYPE[rt.dtype],
+            protocol_version=PROTOCOL_VERSION,
+            limits=pb.Limits(
+                max_sessions=lim.max_sessions,
+                max_cached_tokens=lim.max_cached_tokens,
+                max_message_bytes=lim.message_bytes(cfg.d_model, len(rt.branches)),
+                max_steps_per_call=lim.max_steps_per_call,
+                max_tokens_per_call=lim.max_tokens_per_call,
+            ),
+            d_model=cfg.d_model,
+            context_length=cfg.context_length,
+        )
+
+    async def Forward(
+        self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ForwardResponse:
+        try:
+            rt = self._ready()
+            steps, inputs = _validate(rt, request)
+            jobs = [rt.batchers[(request.layer, b)].submit(steps, inputs) for b in request.branches]
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            failed = next((r for r in results if isinstance(r, BaseException)), None)
+            if failed is not None:
+                raise failed
+        except StatusError as err:
+            await context.abort(err.code, err.details, trailing_metadata=err.metadata)
+        ok = [r for r in results if isinstance(r, BranchResult)]
+        return pb.ForwardResponse(
+            outputs=[
+                pb.BranchOutput(branch=b, outputs=encode(r.outputs))
+                for b, r in zip(request.branches, ok, strict=True)
+            ],
+            compute_seconds=max(r.compute_seconds for r in ok),
+        )
+
+    async def EndSession(
+        self, request: pb.EndSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EndSessionResponse:
+        try:
+            rt = self._ready()
+        except StatusError as err:
+            await context.abort(err.code, err.details)
+        return pb.EndSessionResponse(released_caches=rt.store.end(request.session_id))
+
+
+def _invalid(details: str) -> StatusError:
+    return StatusError(grpc.StatusCode.INVALID_ARGUMENT, details)
+
+
+def _validate(rt: NodeRuntime, request: pb.ForwardRequest) -> tuple[list[Step], torch.Tensor]:
+    """Every check that needs no cache: served branches, steps, tensor dtype/shape/values."""
+    lim, cfg = rt.cfg.limits, rt.manifest.config
+    if not request.branches:
+        raise _invalid("no branches requested")
+    if len(set(request.branches)) != len(request.branches):
+        raise _invalid("a branch is requested twice")
+    missing = [b for b in request.branches if (request.layer, b) not in rt.branches]
+    if missing:
+        raise StatusError(
+            grpc.StatusCode.NOT_FOUND,
+            f"layer {request.layer} branch {missing[0]} is not served by this node "
+            f"(it serves {format_branches(tuple(sorted(rt.branches)))})",
+        )
+    if not request.steps:
+        raise _invalid("no session steps given")
+    if len(request.steps) > lim.max_steps_per_call:
+        raise _invalid(f"{len(request.steps)} steps exceed the limit of {lim.max_steps_per_call}")
+    steps = [Step(s.session_id, s.start, s.length) for s in request.steps]
+    if len({s.session_id for s in steps}) != len(steps):
+        raise _invalid("a session appears twice in one call")
+    for s in steps:
+        if not s.session_id or len(s.session_id) > MAX_SESSION_ID:
+            raise _invalid(f"session ids must have 1..{MAX_SESSION_ID} characters")
+        if s.length == 0:
+            raise _invalid(f"session {s.session_id}: step length must be positive")
+    total = sum(s.length for s in steps)
+    if total > lim.max_tokens_per_call:
+        raise _invalid(f"{total} positions exceed the limit of {lim.max_tokens_per_call} per call")
+    try:
+        x = decode(request.inputs, max_elements=lim.max_tokens_per_call * cfg.d_model)
+    except CodecError as exc:
+        raise _invalid(f"inputs: {exc}") from exc
+    if x.dtype != rt.dtype:
+        raise _invalid(f"inputs are {x.dtype}, this node computes in {rt.dtype}")
+    if x.dim() != 2 or x.shape[1] != cfg.d_model:
+        raise _invalid(f"inputs must have shape (positions, {cfg.d_model}), got {tuple(x.shape)}")
+    if x.shape[0] != total:
+        raise _invalid(f"inputs hold {x.shape[0]} positions, the steps add up to {total}")
+    if not bool(torch.isfinite(x).all()):
+        raise _invalid("inputs contain NaN or Inf")
+    return steps, x.to(rt.cfg.device)

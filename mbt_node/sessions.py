@@ -1,0 +1,143 @@
+"""Per-session KV caches of the branches a node serves, with position checks and limits.
+
+A cache belongs to one (session, layer, branch). Positions must arrive contiguously: a step
+that starts past the cache's length is refused with FAILED_PRECONDITION and that length, so
+the caller can replay what the node missed; a step that starts before it rolls the cache back
+and recomputes. Idle sessions expire; session and token limits refuse with RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from mbt_core.branch import BranchCache
+from mbt_node.config import NodeLimits
+from mbt_node.status import CACHE_LENGTH_KEY, StatusError
+
+BranchKey = tuple[int, int]  # (layer, branch)
+
+
+@dataclass(frozen=True)
+class Step:
+    session_id: str
+    start: int
+    length: int
+
+
+@dataclass
+class _Entry:
+    cache: BranchCache
+    last_used: float
+
+
+class SessionStore:
+    """Thread-safe: the batch executor reserves and extends, the servicer ends sessions."""
+
+    def __init__(
+        self,
+        limits: NodeLimits,
+        context_length: int,
+        new_cache: Callable[[BranchKey], BranchCache],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limits = limits
+        self._context = context_length
+        self._new_cache = new_cache
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, BranchKey], _Entry] = {}
+        self._sessions: dict[str, int] = {}  # session id -> number of caches
+        self._last_sweep = clock()
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def cached_tokens(self) -> int:
+        with self._lock:
+            return sum(e.cache.length for e in self._entries.values())
+
+    def length(self, session_id: str, key: BranchKey) -> int:
+        entry = self._entries.get((session_id, key))
+        return 0 if entry is None else entry.cache.length
+
+    def reserve(self, key: BranchKey, steps: list[Step]) -> list[BranchCache]:
+        """Check every step first, then roll back caches that start early; all or nothing."""
+        with self._lock:
+            self._sweep()
+            now = self._clock()
+            new_sessions = {s.session_id for s in steps} - set(self._sessions)
+            if len(self._sessions) + len(new_sessions) > self._limits.max_sessions:
+                raise StatusError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"node holds {len(self._sessions)} sessions, limit {self._limits.max_sessions}",
+                )
+            growth = 0
+            for s in steps:
+                if s.start + s.length > self._context:
+                    raise StatusError(
+                        grpc.StatusCode.OUT_OF_RANGE,
+                        f"session {s.session_id}: positions {s.start}..{s.start + s.length} "
+                        f"exceed the context length {self._context}",
+                    )
+                current = self.length(s.session_id, key)
+                if s.start > current:
+                    raise StatusError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"session {s.session_id} layer {key[0]} branch {key[1]}: cache holds "
+                        f"{current} positions, step starts at {s.start}; replay {current}.."
+                        f"{s.start} first",
+                        ((CACHE_LENGTH_KEY, str(current)),),
+                    )
+                growth += s.start + s.length - current
+            total = sum(e.cache.length for e in self._entries.values())
+            if total + growth > self._limits.max_cached_tokens:
+                raise StatusError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"node caches {total} positions, limit {self._limits.max_cached_tokens}",
+                )
+            caches = []
+            for s in steps:
+                entry = self._entries.get((s.session_id, key))
+                if entry is None:
+                    entry = _Entry(self._new_cache(key), now)
+                    self._entries[(s.session_id, key)] = entry
+                    self._sessions[s.session_id] = self._sessions.get(s.session_id, 0) + 1
+                elif s.start < entry.cache.length:
+                    entry.cache.truncate(s.start)  # rollback: recompute from here
+                entry.last_used = now
+                caches.append(entry.cache)
+            return caches
+
+    def end(self, session_id: str) -> int:
+        """Release every cache of a session; returns how many there were."""
+        with self._lock:
+            keys = [k for k in self._entries if k[0] == session_id]
+            for k in keys:
+                self._drop(k)
+            return len(keys)
+
+    def _drop(self, k: tuple[str, BranchKey]) -> None:
+        if self._entries.pop(k, None) is None:
+            return
+        left = self._sessions[k[0]] - 1
+        if left:
+            self._sessions[k[0]] = left
+        else:
+            del self._sessions[k[0]]
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        if now - self._last_sweep < 1.0:
+            return
+        self._last_sweep = now
+        stale = [
+            k for k, e in self._entries.items() if now - e.last_used > self._limits.session_ttl_s
+        ]
+        for k in stale:
+            self._drop(k)

@@ -1,0 +1,18 @@
+"""A request refusal with its gRPC status code, raised below the servicer, aborted at it."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class StatusError(Exception):
+    def __init__(
+        self, code: grpc.StatusCode, details: str, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.metadata = metadata
+
+
+CACHE_LENGTH_KEY = "mbt-cache-length"  # trailing metadata of FAILED_PRECONDITION: node's length
