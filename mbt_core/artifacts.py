@@ -235,6 +235,14 @@ def load_trunk(directory: Path, manifest: Manifest) -> Trunk:
     return Trunk(tensors=tensors, tokenizer=tokenizer, info=info)
 
 
+def trunk_model(manifest: Manifest, trunk: Trunk) -> MBTLanguageModel:
+    """The model without its branches (embeddings, final norm, head, alpha): what an
+    aggregator runs itself while the branches run on nodes."""
+    model = trunk_reference(manifest.config).to_empty(device="cpu")
+    model.load_state_dict(trunk.tensors, strict=True)
+    return model.eval()
+
+
 def load_model_from_artifacts(
     directory: Path,
     trusted_keys: list[Path],

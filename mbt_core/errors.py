@@ -6,7 +6,8 @@
     ├── CodecError           a wire tensor is malformed (dtype, shape, size, compression)
     ├── ArtifactError        an exported artifact is missing, altered or malformed
     │   └── SignatureError   a manifest signature is missing, untrusted, expired or rolled back
-    └── NoBranchAvailable    every branch of a layer was masked or rejected
+    ├── NoBranchAvailable    every branch of a layer was masked or rejected
+    └── QuorumNotReached     fewer branches answered than the fan-out policy requires
 
 Configuration mistakes raise ``ValueError`` from the config dataclasses' ``__post_init__``.
 """
@@ -40,3 +41,7 @@ class SignatureError(ArtifactError):
 
 class NoBranchAvailable(MbtError):
     """No branch of a layer is left to aggregate (all masked, failed or rejected)."""
+
+
+class QuorumNotReached(MbtError):
+    """Fewer branches of a layer answered (and passed the output checks) than required."""

@@ -60,6 +60,16 @@ def select_next(logits: Tensor, cfg: SamplingConfig, gen: torch.Generator | None
     return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
 
+def fit_window(
+    cached: int, pending: list[int], tokens: list[int], window: int
+) -> tuple[bool, list[int]]:
+    """What to feed next: ``pending`` after ``cached`` positions, or, when that would pass the
+    context ``window``, a restart from the most recent half-window of ``tokens``."""
+    if cached + len(pending) <= window:
+        return False, pending
+    return True, tokens[-(window // 2) :]
+
+
 @torch.no_grad()
 def generate(
     model: MBTLanguageModel,
@@ -82,9 +92,9 @@ def generate(
     cache = model.new_cache()
     pending = tokens
     for _ in range(cfg.max_new_tokens):
-        if cache.length + len(pending) > window:
+        restart, pending = fit_window(cache.length, pending, tokens, window)
+        if restart:
             cache = model.new_cache()
-            pending = tokens[-(window // 2) :]
         info = StepInfo()
         logits = model(torch.tensor([pending]), masks, cache, aggregation, info)
         token = int(select_next(logits[:, -1], cfg, gen)[0])

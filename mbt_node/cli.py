@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=bat.inline_max_positions,
         help="batches up to this many positions run on the event loop thread",
     )
+    p.add_argument(
+        "--delay-ms",
+        type=float,
+        default=0.0,
+        help="fault injection: add this latency to every Forward (a slow machine)",
+    )
     p.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 
@@ -130,6 +136,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         node_key=args.node_key,
         state_file=args.state_file,
         torch_threads=args.torch_threads,
+        delay_ms=args.delay_ms,
         limits=NodeLimits(
             max_sessions=args.max_sessions,
             max_cached_tokens=args.max_cached_tokens,

@@ -68,6 +68,7 @@ class NodeConfig:
     state_file: Path | None = None  # rollback-protection state (default: per user)
     torch_threads: int = 1  # several nodes often share one machine
     drain_grace_s: float = 10.0
+    delay_ms: float = 0.0  # fault injection: extra latency of every Forward (a slow machine)
     limits: NodeLimits = field(default_factory=NodeLimits)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
@@ -82,3 +83,5 @@ class NodeConfig:
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
         if self.torch_threads <= 0:
             raise ValueError("torch_threads must be positive")
+        if self.delay_ms < 0:
+            raise ValueError("delay_ms must be >= 0")

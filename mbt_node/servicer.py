@@ -72,6 +72,8 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
         try:
             rt = self._ready()
             steps, inputs = _validate(rt, request)
+            if rt.cfg.delay_ms:  # fault injection: a slow machine
+                await asyncio.sleep(rt.cfg.delay_ms / 1000)
             jobs = [rt.batchers[(request.layer, b)].submit(steps, inputs) for b in request.branches]
             results = await asyncio.gather(*jobs, return_exceptions=True)
             failed = next((r for r in results if isinstance(r, BaseException)), None)

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import grpc
 
 from mbt_core.branch import BranchCache
+from mbt_core.discovery import CACHE_LENGTH_METADATA
 from mbt_node.config import NodeLimits
-from mbt_node.status import CACHE_LENGTH_KEY, StatusError
+from mbt_node.status import StatusError
 
 BranchKey = tuple[int, int]  # (layer, branch)
 
@@ -92,7 +93,7 @@ class SessionStore:
                         f"session {s.session_id} layer {key[0]} branch {key[1]}: cache holds "
                         f"{current} positions, step starts at {s.start}; replay {current}.."
                         f"{s.start} first",
-                        ((CACHE_LENGTH_KEY, str(current)),),
+                        ((CACHE_LENGTH_METADATA, str(current)),),
                     )
                 growth += s.start + s.length - current
             total = sum(e.cache.length for e in self._entries.values())

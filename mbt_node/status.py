@@ -13,6 +13,3 @@ class StatusError(Exception):
         self.code = code
         self.details = details
         self.metadata = metadata
-
-
-CACHE_LENGTH_KEY = "mbt-cache-length"  # trailing metadata of FAILED_PRECONDITION: node's length

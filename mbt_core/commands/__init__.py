@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from mbt_core.commands import diagnose, evaluate, export, generate, keys, sign, train, verify
+from mbt_core.commands import (
+    cluster,
+    diagnose,
+    evaluate,
+    export,
+    generate,
+    keys,
+    sign,
+    train,
+    verify,
+)
 
 COMMANDS: dict[str, ModuleType] = {
+    "cluster": cluster,
     "train": train,
     "generate": generate,
     "eval": evaluate,

@@ -54,9 +54,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--gateway",
+        metavar="HOST:PORT",
+        default=None,
+        help="score through a running mbt-aggregator (the live distributed model)",
+    )
+
+
+def run_remote(args: argparse.Namespace) -> int:
+    """Perplexity of the distributed model as it is now (its outages are real ones)."""
+    from mbt_aggregator.remote import score_remote
+
+    if args.artifacts or args.checkpoint:
+        raise ValueError(
+            "--gateway serves its own model: --checkpoint and --artifacts do not apply"
+        )
+    texts = evaluation_texts(args.text_file)
+    text = "\n".join(texts)
+    reply = score_remote(args.gateway, text)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "gateway": args.gateway,
+                    "tokens": reply.tokens,
+                    "perplexity": reply.perplexity,
+                    "masked_branch_steps": reply.masked_branch_steps,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(f"{'setting':<10} {'perplexity':>10} {'tokens':>8} {'masked branch-steps':>20}")
+    print(
+        f"{'gateway':<10} {reply.perplexity:>10.3f} {reply.tokens:>8} "
+        f"{reply.masked_branch_steps:>20}"
+    )
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.gateway:
+        return run_remote(args)
     ckpt = load_model(args)
     stream = token_stream(ckpt.tokenizer, evaluation_texts(args.text_file))
     rows = outage_table(ckpt.model, stream, args.fractions, args.masks, args.seed, args.max_tokens)

@@ -1,7 +1,8 @@
 """Generate text from a prompt, optionally with branches taken out to simulate outages.
 
 Prints the prompt and the continuation on stdout; with --show-branches, one line per token on
-stderr tells which branches of every layer were used (1) or missing (0).
+stderr tells which branches of every layer were used (1), missing (0), rejected (x) or
+answered by a hedged second replica (h). With --gateway, the distributed model answers.
 """
 
 from __future__ import annotations
@@ -48,13 +49,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--aggregation", choices=("mean", "trimmed", "median"), default="mean")
     p.add_argument(
+        "--gateway",
+        metavar="HOST:PORT",
+        default=None,
+        help="generate through a running mbt-aggregator instead of in this process",
+    )
+    p.add_argument(
         "--show-branches",
         action="store_true",
         help="print per token which branches every layer used (stderr)",
     )
 
 
+def _sampling(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=0.0 if args.greedy else args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+
+
+def run_remote(args: argparse.Namespace) -> int:
+    """Generate through a gateway; the CLI is the composition root that may reach it."""
+    from mbt_aggregator.remote import describe_layers, generate_remote
+
+    if args.drop or args.drop_rate or args.artifacts or args.checkpoint:
+        raise ValueError(
+            "--gateway serves its own model: --drop, --drop-rate, --checkpoint "
+            "and --artifacts do not apply"
+        )
+    sys.stdout.write(args.prompt)
+    for event in generate_remote(args.gateway, args.prompt, _sampling(args)):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        if args.show_branches:
+            print(
+                f"\n[token {event.index}] {describe_layers(event)}  {event.latency_ms:.1f} ms",
+                file=sys.stderr,
+            )
+    sys.stdout.write("\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.gateway:
+        return run_remote(args)
     ckpt = load_model(args)
     model, tok = ckpt.model, ckpt.tokenizer
     if args.drop and args.drop_rate:
@@ -69,13 +110,7 @@ def run(args: argparse.Namespace) -> int:
         masks = training_masks(model.cfg.branches, args.drop_rate, gen)
     if masks is not None:
         print(f"branches present: {describe(masks)}", file=sys.stderr)
-    sampling = SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=0.0 if args.greedy else args.temperature,
-        top_k=args.top_k or None,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
+    sampling = _sampling(args)
     prompt = tok.encode(args.prompt)
     sys.stdout.write(args.prompt)
     produced: list[int] = []

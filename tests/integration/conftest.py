@@ -21,7 +21,7 @@ from mbt_core.model import MBTLanguageModel
 from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
 from mbt_core.signing import GeneratedKey, generate_key, load_private_key, sign_manifest
 from mbt_core.tokenizer import Tokenizer
-from mbt_node.launcher import NodeProcess, start_node
+from mbt_node.launcher import ManagedProcess, start_node
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,11 @@ def signed_model(
 
 
 @pytest.fixture()
-def node_factory() -> Iterator[Callable[..., NodeProcess]]:
+def node_factory() -> Iterator[Callable[..., ManagedProcess]]:
     """Start nodes with ``node_factory(args)``; every one is killed at the end of the test."""
-    started: list[NodeProcess] = []
+    started: list[ManagedProcess] = []
 
-    def start(args: list[str], **kw: object) -> NodeProcess:
+    def start(args: list[str], **kw: object) -> ManagedProcess:
         node = start_node(args, **kw)  # type: ignore[arg-type]
         started.append(node)
         return node
@@ -79,10 +79,10 @@ def node_factory() -> Iterator[Callable[..., NodeProcess]]:
 
 
 @pytest.fixture()
-def stub_for() -> Iterator[Callable[[NodeProcess], pb_grpc.BranchServiceStub]]:
+def stub_for() -> Iterator[Callable[[ManagedProcess], pb_grpc.BranchServiceStub]]:
     channels: list[grpc.Channel] = []
 
-    def make(node: NodeProcess) -> pb_grpc.BranchServiceStub:
+    def make(node: ManagedProcess) -> pb_grpc.BranchServiceStub:
         channel = grpc.insecure_channel(node.address)
         channels.append(channel)
         return pb_grpc.BranchServiceStub(channel)

@@ -21,7 +21,7 @@ from mbt_core.manifest import manifest_digest, read_manifest
 from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
 from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
 from mbt_core.signing import generate_key
-from mbt_node.launcher import NodeProcess, NodeStartError, start_node
+from mbt_node.launcher import ManagedProcess, StartError, node_id, start_node
 from tests.integration.conftest import SignedModel
 
 pytestmark = pytest.mark.integration
@@ -261,7 +261,7 @@ def test_mdns_advertisement_appears_and_goes_after_sigterm(
         assert seen._event(seen.added, name).wait(3.0), "not seen within 3 s"
         record = seen.records[name]
         assert record.branches == ((0, 1), (1, 2))
-        assert record.node_id == node.node_id
+        assert record.node_id == node_id(node)
         assert record.manifest_sha256 == manifest_digest(read_manifest(signed_model.directory))
         assert node.terminate() == 0  # SIGTERM drains and exits 0
         assert seen._event(seen.removed, name).wait(3.0), "still advertised after SIGTERM"
@@ -293,7 +293,7 @@ def test_sigterm_finishes_in_flight_calls(
 
 
 def _expect_refusal(args: list[str], text: str) -> None:
-    with pytest.raises(NodeStartError) as err:
+    with pytest.raises(StartError) as err:
         start_node(args, timeout_s=60)
     assert "exited with code 2" in str(err.value)
     assert text in str(err.value)
@@ -325,4 +325,4 @@ def test_node_refuses_branch_outside_the_model(signed_model: SignedModel) -> Non
     _expect_refusal(signed_model.node_args("5:0", "--no-advertise"), "--serve 5:0")
 
 
-_ = Callable, NodeProcess  # used in fixture annotations of other tests
+_ = Callable, ManagedProcess  # used in fixture annotations of other tests

@@ -1,0 +1,162 @@
+"""``mbt-aggregator``: the gateway that turns branch nodes into one model serving clients."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvloop
+
+from mbt_aggregator.config import AggregatorConfig, GatewayLimits
+from mbt_aggregator.policy import MODES, FanoutPolicy
+from mbt_aggregator.server import run_gateway
+from mbt_core.config import AggregationConfig
+from mbt_core.errors import MbtError
+
+EPILOG = """\
+examples:
+  mbt-aggregator --artifacts model/ --trusted-key owner.public.pem
+  mbt-aggregator --artifacts model/ --trusted-key owner.public.pem --no-mdns \\
+      --peers 10.0.0.5:7001,10.0.0.6:7001 --policy deadline --deadline-ms 200
+
+Nodes are found over mDNS (_mbt._tcp.local.) and from --peers, and admitted only when Describe
+shows the manifest's model, version, digest and artifact hashes. Clients: mbt generate
+--gateway HOST:PORT, mbt eval --gateway HOST:PORT; metrics on /metrics of --metrics-port.
+"""
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    pol, lim = FanoutPolicy(), GatewayLimits()
+    p = argparse.ArgumentParser(
+        prog="mbt-aggregator",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--artifacts", type=Path, required=True, help="artifact folder (mbt export)")
+    p.add_argument(
+        "--trusted-key",
+        type=Path,
+        action="append",
+        required=True,
+        help="public key trusted to sign the manifest; repeat for several",
+    )
+    p.add_argument("--threshold", type=int, default=1)
+    p.add_argument("--state-file", type=Path, default=None, help="rollback-protection state")
+    p.add_argument("--listen", default="127.0.0.1:7070", help="gateway gRPC address")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9109,
+        help="Prometheus /metrics port (0: a free port, -1: off)",
+    )
+    p.add_argument("--metrics-host", default="127.0.0.1")
+    p.add_argument(
+        "--peers",
+        type=_csv,
+        default=(),
+        metavar="HOST:PORT,...",
+        help="static node addresses (where multicast does not reach, Kubernetes)",
+    )
+    p.add_argument(
+        "--mdns",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="discover nodes over mDNS",
+    )
+    p.add_argument("--interface", default="127.0.0.1", help="IPv4 address to browse mDNS on")
+    p.add_argument(
+        "--allow-node",
+        action="append",
+        default=None,
+        metavar="NODE_ID",
+        help="admit only these node ids (repeat)",
+    )
+    p.add_argument(
+        "--policy",
+        choices=MODES,
+        default=pol.mode,
+        help="all: wait for every branch; quorum: k branches or a weight fraction; "
+        "deadline: what answered in time",
+    )
+    p.add_argument("--quorum-branches", type=int, default=None)
+    p.add_argument("--quorum-weight", type=float, default=None)
+    p.add_argument("--grace-ms", type=float, default=pol.grace_ms)
+    p.add_argument("--deadline-ms", type=float, default=pol.deadline_ms)
+    p.add_argument("--request-timeout-s", type=float, default=pol.request_timeout_s)
+    p.add_argument(
+        "--min-branches",
+        type=int,
+        default=pol.min_branches,
+        help="fewer usable branches in a layer fail the request (UNAVAILABLE)",
+    )
+    p.add_argument(
+        "--hedge",
+        action="store_true",
+        help="send a slow branch to its second replica too, take the first answer",
+    )
+    p.add_argument("--aggregation", choices=("mean", "trimmed", "median"), default="mean")
+    p.add_argument(
+        "--norm-factor",
+        type=float,
+        default=AggregationConfig().norm_factor,
+        help="reject outputs whose norm exceeds this many times the median",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=lim.max_new_tokens)
+    p.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
+    policy = FanoutPolicy(
+        mode=args.policy,
+        request_timeout_s=args.request_timeout_s,
+        quorum_branches=args.quorum_branches,
+        quorum_weight=args.quorum_weight,
+        grace_ms=args.grace_ms,
+        deadline_ms=args.deadline_ms,
+        min_branches=args.min_branches,
+        hedge=args.hedge,
+    )
+    return AggregatorConfig(
+        artifacts=args.artifacts,
+        trusted_keys=tuple(args.trusted_key),
+        threshold=args.threshold,
+        state_file=args.state_file,
+        listen=args.listen,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        peers=args.peers,
+        mdns=args.mdns,
+        interface=args.interface,
+        allowed_node_ids=frozenset(args.allow_node) if args.allow_node else None,
+        policy=policy,
+        aggregation=AggregationConfig(mode=args.aggregation, norm_factor=args.norm_factor),
+        limits=GatewayLimits(max_new_tokens=args.max_new_tokens),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    try:
+        uvloop.run(run_gateway(config_from_args(args)))
+    except (MbtError, ValueError, OSError) as exc:
+        print(f"mbt-aggregator: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Prometheus metrics of the gateway, on a registry the caller owns (never the global one).
+
+Names follow ``mbt_<what>_<unit>``; labels stay low-cardinality (layer, branch, node, outcome,
+reason), never a session id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.branch_latency = Histogram(
+            "mbt_branch_call_seconds",
+            "Latency of successful branch calls",
+            ["layer", "branch", "node"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.branch_calls = Counter(
+            "mbt_branch_calls_total",
+            "Branch calls by outcome (ok, timeout, error, rejected)",
+            ["layer", "branch", "node", "outcome"],
+            registry=r,
+        )
+        self.hedges = Counter(
+            "mbt_hedged_calls_total",
+            "Second-replica calls sent by hedging",
+            ["layer", "branch"],
+            registry=r,
+        )
+        self.replays = Counter(
+            "mbt_cache_replays_total", "Replays of missed positions to a node", ["node"], registry=r
+        )
+        self.layer_latency = Histogram(
+            "mbt_layer_step_seconds",
+            "Fan-out + aggregation time of one layer step",
+            ["layer"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.masked = Counter(
+            "mbt_masked_branches_total",
+            "Branches left out of a layer step",
+            ["layer", "branch", "reason"],
+            registry=r,
+        )
+        self.lost_weight = Gauge(
+            "mbt_lost_weight_ratio",
+            "Aggregation weight renormalized away in the last step",
+            ["layer"],
+            registry=r,
+        )
+        self.quorum_failures = Counter(
+            "mbt_quorum_failures_total",
+            "Layer steps that failed for lack of branches",
+            ["layer"],
+            registry=r,
+        )
+        self.requests_failed = Counter(
+            "mbt_requests_failed_total", "Client requests that failed", ["reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "mbt_time_to_first_token_seconds",
+            "From request to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.token_latency = Histogram(
+            "mbt_token_seconds", "Time per generated token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.tokens = Counter("mbt_tokens_generated_total", "Tokens generated", registry=r)
+        self.nodes_discovered = Counter(
+            "mbt_nodes_discovered_total", "Candidate nodes found", ["source"], registry=r
+        )
+        self.nodes_admitted = Counter("mbt_nodes_admitted_total", "Nodes admitted", registry=r)
+        self.nodes_rejected = Counter(
+            "mbt_nodes_rejected_total", "Candidate nodes refused", ["reason"], registry=r
+        )
+        self.live_replicas = Gauge(
+            "mbt_live_replicas", "Usable replicas per branch", ["layer", "branch"], registry=r
+        )
+        self.width = Gauge(
+            "mbt_width_diagnostic",
+            "Width diagnostics of each layer's aggregation weights",
+            ["layer", "name"],
+            registry=r,
+        )
+
+    def layer_step(self, layer: int, seconds: float, lost_weight: float) -> None:
+        self.layer_latency.labels(layer=str(layer)).observe(seconds)
+        self.lost_weight.labels(layer=str(layer)).set(lost_weight)

@@ -1,0 +1,126 @@
+"""The gateway process: verify, load the trunk, find and admit nodes, serve, export metrics.
+
+Order: the manifest is verified (signatures, expiry, rollback) and the trunk loaded, or the
+process stops with a clear message; membership starts (static peers, mDNS); the gRPC gateway
+and the Prometheus endpoint start; SIGTERM or SIGINT stops in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from mbt_aggregator.admission import Expectation
+from mbt_aggregator.browse import MdnsBrowser
+from mbt_aggregator.config import AggregatorConfig
+from mbt_aggregator.engine import Engine
+from mbt_aggregator.membership import Membership
+from mbt_aggregator.metrics import Metrics
+from mbt_aggregator.registry import Registry
+from mbt_aggregator.servicer import GatewayServicer
+from mbt_core.artifacts import load_trunk, load_verified_manifest, trunk_model
+from mbt_core.diagnostics import weight_stats
+from mbt_core.manifest import manifest_digest
+from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
+from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
+
+log = logging.getLogger("mbt_aggregator")
+SERVICE_NAME = gw.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    torch.set_num_threads(cfg.torch_threads)
+
+    manifest = load_verified_manifest(
+        cfg.artifacts, list(cfg.trusted_keys), cfg.threshold, cfg.state_file
+    )
+    trunk_files = load_trunk(cfg.artifacts, manifest)
+    trunk = trunk_model(manifest, trunk_files)
+    digest = manifest_digest(manifest)
+
+    metrics = Metrics(CollectorRegistry())
+    registry = Registry()
+    engine = Engine(trunk, registry, cfg.policy, cfg.aggregation, metrics)
+    for layer, alpha in enumerate(engine.alphas):
+        for name, value in weight_stats(alpha).items():
+            metrics.width.labels(layer=str(layer), name=name).set(value)
+    membership = Membership(
+        registry,
+        Expectation.from_manifest(manifest, cfg.allowed_node_ids),
+        metrics,
+        cfg.peers,
+        cfg.admit_timeout_s,
+        cfg.health_interval_s,
+    )
+    browser = MdnsBrowser(cfg.interface, membership.offer, membership.forget) if cfg.mdns else None
+
+    server = grpc.aio.server()
+    gw_grpc.add_GatewayServiceServicer_to_server(
+        GatewayServicer(engine, trunk_files.tokenizer, manifest, digest, cfg.limits), server
+    )
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = server.add_insecure_port(cfg.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {cfg.listen}")
+    httpd = None
+    metrics_note = "metrics off"
+    if cfg.metrics_port >= 0:
+        httpd, _ = start_http_server(cfg.metrics_port, cfg.metrics_host, registry=metrics.registry)
+        metrics_note = f"metrics on http://{cfg.metrics_host}:{httpd.server_port}/metrics"
+    await membership.start()
+    if browser is not None:
+        await browser.start()
+    gauge_task = asyncio.create_task(_replica_gauges(engine, metrics))
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    host = cfg.listen.rsplit(":", 1)[0]
+    print(
+        f"mbt-aggregator ready: listening on {host}:{port}, {metrics_note}, model "
+        f"{manifest.model_id} v{manifest.model_version} ({digest[:16]})",
+        flush=True,
+    )
+    try:
+        await stop.wait()
+    finally:
+        for service in ("", SERVICE_NAME):
+            await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        gauge_task.cancel()
+        await server.stop(5.0)
+        if browser is not None:
+            await browser.stop()
+        await membership.stop()
+        if httpd is not None:
+            httpd.shutdown()
+    print("mbt-aggregator stopped", file=sys.stderr, flush=True)
+
+
+async def _replica_gauges(engine: Engine, metrics: Metrics) -> None:
+    while True:
+        for layer, alpha in enumerate(engine.alphas):
+            for b in range(alpha.numel()):
+                live = engine.registry.live_replicas((layer, b))
+                metrics.live_replicas.labels(layer=str(layer), branch=str(b)).set(live)
+        await asyncio.sleep(1.0)

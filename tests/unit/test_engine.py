@@ -1,0 +1,151 @@
+"""The aggregator's layer step against in-process fake nodes (real branches, no network)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from mbt_aggregator.client import CacheGap, NodeCallError
+from mbt_aggregator.engine import MASKED, OK, Engine, Session
+from mbt_aggregator.generation import generate_tokens
+from mbt_aggregator.metrics import Metrics
+from mbt_aggregator.policy import FanoutPolicy
+from mbt_aggregator.registry import Node, Registry
+from mbt_core.branch import BranchCache
+from mbt_core.config import AggregationConfig
+from mbt_core.model import MBTLanguageModel
+from mbt_core.sampling import SamplingConfig, generate
+
+
+class FakeClient:
+    """Runs real branches of ``model`` with a node's cache rules; can fail or forget."""
+
+    def __init__(self, model: MBTLanguageModel) -> None:
+        self.model = model
+        self.caches: dict[tuple[str, int, int], BranchCache] = {}
+        self.fail = False
+        self.calls = 0
+        self.address = "fake"
+
+    async def forward(self, layer, branches, steps, inputs, timeout_s):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.fail:
+            raise NodeCallError("fake", grpc.StatusCode.UNAVAILABLE, "down")
+        (step,) = steps
+        out = {}
+        for b in branches:
+            branch = self.model.layers[layer].branches[b]
+            cache = self.caches.setdefault((step.session_id, layer, b), branch.new_cache())
+            if step.start > cache.length:
+                raise CacheGap("fake", "gap", cache.length)
+            cache.truncate(step.start)
+            with torch.no_grad():
+                out[b] = branch.forward_ragged(inputs, [cache], [step.length])
+        return out, 0.0
+
+    async def end_session(self, session_id: str, timeout_s: float) -> int:
+        gone = [k for k in self.caches if k[0] == session_id]
+        for k in gone:
+            del self.caches[k]
+        return len(gone)
+
+    async def close(self) -> None:
+        pass
+
+
+def _engine(
+    model: MBTLanguageModel,
+    layout: dict[str, list[tuple[int, int]]],
+    policy: FanoutPolicy | None = None,
+) -> tuple[Engine, dict[str, FakeClient]]:
+    registry = Registry()
+    clients = {}
+    for name, served in layout.items():
+        clients[name] = FakeClient(model)
+        registry.add(Node(name, name, clients[name], frozenset(served)))  # type: ignore[arg-type]
+    engine = Engine(
+        model, registry, policy or FanoutPolicy(), AggregationConfig(), Metrics(CollectorRegistry())
+    )
+    return engine, clients
+
+
+def _all(model: MBTLanguageModel) -> list[tuple[int, int]]:
+    return [(li, b) for li, k in enumerate(model.cfg.branches) for b in range(k)]
+
+
+def test_healthy_generation_equals_in_process(tiny_model: MBTLanguageModel) -> None:
+    engine, _ = _engine(tiny_model, {"a": _all(tiny_model)})
+    cfg = SamplingConfig(max_new_tokens=15, temperature=0, stop_at_eos=False)
+
+    async def run() -> list[int]:
+        return [e.token async for e in generate_tokens(engine, [3, 4, 5], cfg)]
+
+    assert asyncio.run(run()) == [t for t, _ in generate(tiny_model, [3, 4, 5], cfg)]
+
+
+def test_failed_node_is_masked_and_weights_renormalized(tiny_model: MBTLanguageModel) -> None:
+    layout = {"a": [(0, 0), (1, 0), (1, 1)], "b": [(0, 1), (1, 2)]}
+    engine, clients = _engine(tiny_model, layout)
+    clients["b"].fail = True
+    h = torch.randn(4, tiny_model.cfg.d_model)
+    out, report = asyncio.run(engine.run_layer(Session(), 1, 0, h))
+    assert [b.outcome for b in report.branches] == [OK, OK, MASKED]
+    with torch.no_grad():
+        ref = tiny_model.layers[1](h[None], mask=torch.tensor([True, True, False])).output[0]
+    assert torch.equal(out, ref)
+    alpha = tiny_model.layers[1].weights().detach()
+    assert report.lost_weight == pytest.approx(float(alpha[2]))
+    assert engine.registry.replicas((1, 2)) == []  # benched after the failure
+
+
+def test_a_node_that_lost_its_cache_is_replayed(tiny_model: MBTLanguageModel) -> None:
+    engine, clients = _engine(tiny_model, {"a": _all(tiny_model)})
+    h = torch.randn(10, tiny_model.cfg.d_model)
+    session = Session()
+
+    async def run() -> torch.Tensor:
+        await engine.run_layer(session, 0, 0, h[:6])
+        clients["a"].caches.clear()  # the node restarted
+        out, report = await engine.run_layer(session, 0, 6, h[6:])
+        assert all(b.outcome == OK for b in report.branches)
+        return out
+
+    out = asyncio.run(run())
+    with torch.no_grad():
+        ref = tiny_model.layers[0](h[None]).output[0, 6:]
+    assert (out - ref).abs().max().item() < 1e-6
+    assert all(c.length == 10 for c in clients["a"].caches.values())
+
+
+def test_too_few_branches_is_quorum_not_reached(tiny_model: MBTLanguageModel) -> None:
+    from mbt_core.errors import QuorumNotReached
+
+    engine, clients = _engine(tiny_model, {"a": _all(tiny_model)}, FanoutPolicy(min_branches=2))
+    clients["a"].fail = True
+    with pytest.raises(QuorumNotReached, match="layer 0"):
+        asyncio.run(engine.run_layer(Session(), 0, 0, torch.randn(2, tiny_model.cfg.d_model)))
+
+
+def test_replicas_prefer_healthy_and_fast_nodes() -> None:
+    now = [0.0]
+    registry = Registry(backoff_s=1.0, clock=lambda: now[0])
+    slow, fast, broken = (Node(n, n, None, frozenset({(0, 0)})) for n in ("slow", "fast", "broken"))  # type: ignore[arg-type]
+    for node in (slow, fast, broken):
+        registry.add(node)
+    for _ in range(5):
+        slow.record_success(0.050)
+        fast.record_success(0.005)
+    registry.failed(broken)
+    assert [n.node_id for n in registry.replicas((0, 0))] == ["fast", "slow"]
+    now[0] = 1.5  # the back-off passed: the broken node is tried again, after the healthy ones
+    assert [n.node_id for n in registry.replicas((0, 0))] == ["fast", "slow", "broken"]
+    registry.failed(broken)  # a second failure doubles the back-off
+    now[0] = 3.0
+    assert "broken" not in [n.node_id for n in registry.replicas((0, 0))]
+    assert registry.live_replicas((0, 0)) == 2
+
+
