@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -98,9 +99,10 @@ class Engine:
             replicas = self.registry.replicas((layer, b))
             if not replicas:
                 continue
-            primary[b] = self._caller(replicas[0], session, layer, b, start, h)
+            # The primary fails over to the other replicas in turn when a call fails outright.
+            primary[b] = self._caller(replicas, session, layer, b, start, h)
             if self.policy.hedge and len(replicas) > 1:
-                hedges[b] = self._caller(replicas[1], session, layer, b, start, h)
+                hedges[b] = self._caller(replicas[1:2], session, layer, b, start, h)
                 hedge_after[b] = replicas[0].p95(default_s=self.policy.request_timeout_s / 4)
         weights = {b: float(alpha[b]) for b in range(k)}
         got: Collected[int, _Answer] = await collect(
@@ -157,9 +159,25 @@ class Engine:
         self.metrics.layer_step(layer, elapsed, lost)
         return fused.output, LayerReport(layer, tuple(reports), elapsed, lost)
 
-    def _caller(self, node: Node, session: Session, layer: int, branch: int, start: int, h: Tensor):  # type: ignore[no-untyped-def]
+    def _caller(
+        self,
+        replicas: list[Node],
+        session: Session,
+        layer: int,
+        branch: int,
+        start: int,
+        h: Tensor,
+    ) -> Callable[[], Awaitable[_Answer]]:
         async def call() -> _Answer:
-            return await self._call(node, session, layer, branch, start, h)
+            for i, node in enumerate(replicas):
+                try:
+                    return await self._call(node, session, layer, branch, start, h)
+                except NodeCallError as exc:
+                    # A refused or unreachable replica: try the next. A timeout is not retried:
+                    # the policy's time is spent.
+                    if i + 1 == len(replicas) or exc.code.name == "DEADLINE_EXCEEDED":
+                        raise
+            raise RuntimeError("no replica to call")  # unreachable: replicas is never empty
 
         return call
 

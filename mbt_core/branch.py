@@ -190,6 +190,8 @@ class Branch(nn.Module):
             raise ValueError(f"lengths {lengths} do not pack {packed.shape[0]} positions")
         for cache, t in zip(caches, lengths, strict=True):
             self._check_room(cache, t)
+        if len(caches) == 1:  # nothing to pad: the plain cached path, bit for bit the same
+            return self.forward(packed[None], caches[0])[0]
         rows = pad_sequence(list(packed.split(lengths)), batch_first=True)  # (B, T, C)
         out = self._run(rows, _RaggedKV(caches, lengths, packed.device))
         for cache, t in zip(caches, lengths, strict=True):

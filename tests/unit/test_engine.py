@@ -149,3 +149,13 @@ def test_replicas_prefer_healthy_and_fast_nodes() -> None:
     assert registry.live_replicas((0, 0)) == 2
 
 
+def test_a_failing_replica_fails_over_to_the_next(tiny_model: MBTLanguageModel) -> None:
+    engine, clients = _engine(tiny_model, {"a": _all(tiny_model), "b": _all(tiny_model)})
+    h = torch.randn(3, tiny_model.cfg.d_model)
+    first = engine.registry.replicas((0, 0))[0].node_id
+    clients[first].fail = True
+    out, report = asyncio.run(engine.run_layer(Session(), 0, 0, h))
+    other = "b" if first == "a" else "a"
+    assert all(b.outcome == OK and b.node_id == other for b in report.branches)
+    with torch.no_grad():
+        assert torch.equal(out, tiny_model.layers[0](h[None]).output[0])

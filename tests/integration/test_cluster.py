@@ -1,0 +1,76 @@
+"""The README's main job (`mbt cluster`) and the gateway benchmark, as quick smoke runs.
+
+No timing is asserted (the machines are noisy); the benchmark's figures must be consistent.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from mbt_aggregator.bench import run_bench
+from mbt_aggregator.local_cluster import Layout
+
+pytestmark = [pytest.mark.integration]
+
+
+def test_layout_spreads_branches_and_replicas() -> None:
+    served = Layout(nodes=3, replicas=2).assign((2, 3))
+    flat = [pair for node in served for pair in node]
+    assert sorted(set(flat)) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    assert all(flat.count(pair) == 2 for pair in set(flat))
+    assert all(len(set(node)) == len(node) for node in served)  # never twice on one node
+    with pytest.raises(ValueError):
+        Layout(nodes=2, replicas=3)
+
+
+def test_mbt_cluster_generates_and_reports_every_branch() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mbt_core.cli",
+            "cluster",
+            "ROMEO:",
+            "--max-new-tokens",
+            "8",
+            "--greedy",
+            "--kill-node-after",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ROMEO:")
+    rows = [
+        line.split()
+        for line in result.stdout.splitlines()
+        if line.strip() and line.split()[0].isdigit() and len(line.split()) == 7
+    ]
+    assert len(rows) == 16  # 4 layers x 4 branches
+    killed = [r for r in rows if r[2] == "node0"]  # node0 served branch 0 of every layer
+    assert len(killed) == 4
+    assert all(int(r[3]) == 4 and int(r[4]) == 4 for r in killed)  # used 4 tokens, then masked
+    assert all(int(r[3]) == 8 for r in rows if r[2] != "node0")
+    assert "[killed node0 after 4 tokens]" in result.stderr
+
+
+def test_gateway_benchmark_smoke() -> None:
+    r = run_bench(iters=5, tokens=4, concurrency=2)
+    for key in (
+        "layer_step_ms",
+        "echo_fanout_ms",
+        "branch_compute_ms",
+        "token_ms_distributed",
+        "token_ms_in_process",
+        "tokens_per_s_1",
+        "tokens_per_s_2",
+    ):
+        assert r[key] > 0, key
+    assert r["fanout_ratio"] == pytest.approx(
+        r["layer_step_ms"] / (r["echo_fanout_ms"] + r["branch_compute_ms"])
+    )
+    assert r["throughput_ratio"] == pytest.approx(r["tokens_per_s_2"] / r["tokens_per_s_1"])
