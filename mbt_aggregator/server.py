@@ -109,6 +109,7 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
             await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         gauge_task.cancel()
         await server.stop(5.0)
+        await engine.close()
         if browser is not None:
             await browser.stop()
         await membership.stop()

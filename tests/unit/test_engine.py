@@ -29,22 +29,27 @@ class FakeClient:
         self.caches: dict[tuple[str, int, int], BranchCache] = {}
         self.fail = False
         self.calls = 0
+        self.steps_per_call: list[int] = []
         self.address = "fake"
 
     async def forward(self, layer, branches, steps, inputs, timeout_s):  # type: ignore[no-untyped-def]
         self.calls += 1
         if self.fail:
             raise NodeCallError("fake", grpc.StatusCode.UNAVAILABLE, "down")
-        (step,) = steps
+        self.steps_per_call.append(len(steps))
         out = {}
         for b in branches:
             branch = self.model.layers[layer].branches[b]
-            cache = self.caches.setdefault((step.session_id, layer, b), branch.new_cache())
-            if step.start > cache.length:
-                raise CacheGap("fake", "gap", cache.length)
-            cache.truncate(step.start)
+            caches = [
+                self.caches.setdefault((s.session_id, layer, b), branch.new_cache()) for s in steps
+            ]
+            for s, cache in zip(steps, caches, strict=True):  # all or nothing, as a node
+                if s.start > cache.length:
+                    raise CacheGap("fake", "gap", cache.length)
+            for s, cache in zip(steps, caches, strict=True):
+                cache.truncate(s.start)
             with torch.no_grad():
-                out[b] = branch.forward_ragged(inputs, [cache], [step.length])
+                out[b] = branch.forward_ragged(inputs, caches, [s.length for s in steps])
         return out, 0.0
 
     async def end_session(self, session_id: str, timeout_s: float) -> int:
@@ -159,3 +164,41 @@ def test_a_failing_replica_fails_over_to_the_next(tiny_model: MBTLanguageModel) 
     assert all(b.outcome == OK and b.node_id == other for b in report.branches)
     with torch.no_grad():
         assert torch.equal(out, tiny_model.layers[0](h[None]).output[0])
+
+
+def test_concurrent_sessions_share_one_call_per_branch(tiny_model: MBTLanguageModel) -> None:
+    engine, clients = _engine(tiny_model, {"a": _all(tiny_model)})
+    hs = [torch.randn(n, tiny_model.cfg.d_model) for n in (3, 5, 2)]
+
+    async def run() -> list[torch.Tensor]:
+        results = await asyncio.gather(*(engine.run_layer(Session(), 1, 0, h) for h in hs))
+        return [out for out, _ in results]
+
+    outs = asyncio.run(run())
+    assert clients["a"].steps_per_call == [3, 3, 3]  # one call per branch, three sessions each
+    for h, out in zip(hs, outs, strict=True):
+        with torch.no_grad():
+            ref = tiny_model.layers[1](h[None]).output[0]
+        assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_a_gap_in_a_batched_call_is_replayed_per_session(tiny_model: MBTLanguageModel) -> None:
+    engine, clients = _engine(tiny_model, {"a": _all(tiny_model)})
+    d = tiny_model.cfg.d_model
+    s1, s2 = Session(), Session()
+    h1, h2 = torch.randn(6, d), torch.randn(6, d)
+
+    async def run() -> list[torch.Tensor]:
+        await asyncio.gather(engine.run_layer(s1, 0, 0, h1[:4]), engine.run_layer(s2, 0, 0, h2[:4]))
+        for key in [k for k in clients["a"].caches if k[0] == s2.session_id]:
+            del clients["a"].caches[key]  # the node lost one session's caches
+        results = await asyncio.gather(
+            engine.run_layer(s1, 0, 4, h1[4:]), engine.run_layer(s2, 0, 4, h2[4:])
+        )
+        return [out for out, _ in results]
+
+    outs = asyncio.run(run())
+    for h, out in zip((h1, h2), outs, strict=True):
+        with torch.no_grad():
+            ref = tiny_model.layers[0](h[None]).output[0, 4:]
+        assert (out - ref).abs().max().item() < 1e-5
