@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _report(stats: dict[tuple[int, int], dict[str, float]], latencies: list[float]) -> None:
     print(
-        f"{'layer':>5} {'branch':>6}  {'served by':<14} {'used':>5} {'masked':>6} "
+        f"{'layer':>5} {'branch':>6}  {'answered by':<14} {'used':>5} {'masked':>6} "
         f"{'rejected':>8} {'mean ms':>8}"
     )
     for (layer, branch), s in sorted(stats.items()):
