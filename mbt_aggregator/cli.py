@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import uvloop
 
 from mbt_aggregator.config import AggregatorConfig, GatewayLimits
 from mbt_aggregator.policy import MODES, FanoutPolicy
 from mbt_aggregator.server import run_gateway
 from mbt_core.config import AggregationConfig
-from mbt_core.errors import MbtError
+from mbt_core.service import LOG_LEVELS, run_service
 
 EPILOG = """\
 examples:
@@ -110,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reject outputs whose norm exceeds this many times the median",
     )
     p.add_argument("--max-new-tokens", type=int, default=lim.max_new_tokens)
-    p.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
     return p
 
 
@@ -145,17 +142,9 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    return run_service(
+        "mbt-aggregator", args.log_level, lambda: run_gateway(config_from_args(args))
     )
-    try:
-        uvloop.run(run_gateway(config_from_args(args)))
-    except (MbtError, ValueError, OSError) as exc:
-        print(f"mbt-aggregator: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import uvloop
-
 from mbt_core.discovery import parse_branches
-from mbt_core.errors import MbtError
+from mbt_core.service import LOG_LEVELS, run_service
 from mbt_node.config import BatchingConfig, NodeConfig, NodeLimits
 from mbt_node.server import run_node
 
@@ -118,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="fault injection: add this latency to every Forward (a slow machine)",
     )
-    p.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
     return p
 
 
@@ -155,17 +152,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    try:
-        uvloop.run(run_node(config_from_args(args)))
-    except (MbtError, ValueError, OSError) as exc:
-        print(f"mbt-node: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_service("mbt-node", args.log_level, lambda: run_node(config_from_args(args)))
 
 
 if __name__ == "__main__":
