@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from mbt_aggregator.config import AggregatorConfig, GatewayLimits
 from mbt_aggregator.policy import MODES, FanoutPolicy
 from mbt_aggregator.server import run_gateway
 from mbt_core.config import AggregationConfig
-from mbt_core.service import LOG_LEVELS, run_service
+from mbt_core.service import LOG_LEVELS, add_artifact_arguments, run_service
 
 EPILOG = """\
 examples:
@@ -37,16 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--artifacts", type=Path, required=True, help="artifact folder (mbt export)")
-    p.add_argument(
-        "--trusted-key",
-        type=Path,
-        action="append",
-        required=True,
-        help="public key trusted to sign the manifest; repeat for several",
-    )
-    p.add_argument("--threshold", type=int, default=1)
-    p.add_argument("--state-file", type=Path, default=None, help="rollback-protection state")
+    add_artifact_arguments(p)
     p.add_argument("--listen", default="127.0.0.1:7070", help="gateway gRPC address")
     p.add_argument(
         "--metrics-port",

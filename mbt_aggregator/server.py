@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 
 import grpc
@@ -32,6 +31,7 @@ from mbt_core.diagnostics import weight_stats
 from mbt_core.manifest import manifest_digest
 from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
 from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
+from mbt_core.service import stop_on_signals
 
 log = logging.getLogger("mbt_aggregator")
 SERVICE_NAME = gw.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -39,9 +39,7 @@ SERVICE_NAME = gw.DESCRIPTOR.services_by_name["GatewayService"].full_name
 
 async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     torch.set_num_threads(cfg.torch_threads)
 
     manifest = load_verified_manifest(

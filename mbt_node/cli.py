@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mbt_core.discovery import parse_branches
-from mbt_core.service import LOG_LEVELS, run_service
+from mbt_core.service import LOG_LEVELS, add_artifact_arguments, run_service
 from mbt_node.config import BatchingConfig, NodeConfig, NodeLimits
 from mbt_node.server import run_node
 
@@ -30,15 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--artifacts", type=Path, required=True, help="artifact folder (mbt export)")
-    p.add_argument(
-        "--trusted-key",
-        type=Path,
-        action="append",
-        required=True,
-        help="public key trusted to sign the manifest; repeat for several",
-    )
-    p.add_argument("--threshold", type=int, default=1, help="trusted signatures required")
+    add_artifact_arguments(p)
     p.add_argument(
         "--serve",
         type=parse_branches,
@@ -67,12 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="private key (mbt keys generate) whose fingerprint is the node id",
-    )
-    p.add_argument(
-        "--state-file",
-        type=Path,
-        default=None,
-        help="rollback-protection state (default: $MBT_STATE_DIR or ~/.local/state/mbt)",
     )
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--max-sessions", type=int, default=lim.max_sessions)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 
 import grpc
@@ -21,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from mbt_core.discovery import format_branches
 from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
 from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
+from mbt_core.service import stop_on_signals
 from mbt_node.advertise import Advertiser
 from mbt_node.config import NodeConfig
 from mbt_node.runtime import NodeRuntime, load_runtime, verify_manifest
@@ -34,8 +34,7 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
     """Run until ``stop`` is set or a termination signal arrives."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
 
     manifest = await loop.run_in_executor(None, verify_manifest, cfg)
     max_bytes = cfg.limits.message_bytes(manifest.config.d_model, len(cfg.serve))
