@@ -1,9 +1,10 @@
 """Verified loading of exported artifacts: signatures, expiry and rollback first, then files.
 
-A manifest is used only once enough trusted keys signed it, it has not expired and its version
-is not below one already accepted. Each file is hashed as it is read and parsed from those same
-bytes, so what was checked is what gets loaded; a failure raises before anything is returned
-or recorded.
+A manifest is used only once enough trusted keys signed it (PEM key files and a threshold, or a
+:class:`~mbt_core.trust_root.TrustRoot`), it has not expired, and its version is neither below
+nor an equivocating copy of one already accepted. Each file is hashed as it is read and parsed
+from those same bytes, so what was checked is what gets loaded, and an old file mixed into a
+new release fails its hash. A failure raises before anything is returned or recorded.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ from mbt_core.layout import (
 from mbt_core.manifest import MANIFEST_FILE, ArtifactEntry, Manifest, format_time, read_manifest
 from mbt_core.model import MBTLanguageModel
 from mbt_core.rollback import default_state_file, record_accepted, rollback_problem
-from mbt_core.signing import check_signatures, check_threshold, load_trusted_keys
+from mbt_core.signing import check_signatures
 from mbt_core.tokenizer import Tokenizer
+from mbt_core.trust_root import TrustRoot, trusted_keys_and_threshold
+
+Trust = Sequence[Path] | TrustRoot  # PEM public key files (with a threshold), or a trust root
 
 _READ_CHUNK = 1 << 20
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # absent on Windows, where the resolve check remains
@@ -79,25 +83,40 @@ class Trunk:
     info: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Verified:
+    """What :func:`load_verified_artifacts` loaded, all from one verified manifest."""
+
+    manifest: Manifest
+    branches: dict[tuple[int, int], Branch]
+    trunk: Trunk | None
+
+
 def verify_artifacts(
     directory: Path,
-    trusted_keys: Sequence[Path],
+    trusted_keys: Trust,
     threshold: int = 1,
     state_file: Path | None = None,
     *,
     now: datetime | None = None,
     check_files: bool = True,
 ) -> Verification:
-    """Every check at once, one problem per line; reads the rollback state, never writes it."""
+    """Every check at once, one problem per line; reads the rollback state, never writes it.
+
+    With a trust root, its keys and threshold apply (``threshold`` may only raise it).
+    """
     directory = Path(directory)
-    trusted = load_trusted_keys(trusted_keys)
-    check_threshold(threshold, len(trusted))
+    trusted, threshold = trusted_keys_and_threshold(trusted_keys, threshold)
     try:
         manifest = read_manifest(directory)
     except ArtifactError as exc:
         return Verification(None, (), (Problem(str(exc)),))
     signatures = check_signatures(directory, manifest, trusted, threshold)
     problems = [Problem(p, SignatureError) for p in signatures.problems]
+    if isinstance(trusted_keys, TrustRoot) and trusted_keys.expired(now):
+        problems.append(
+            Problem(f"{trusted_keys.describe()}: expired; a newer root is needed", SignatureError)
+        )
     expired = expiry_problem(directory, manifest, now)
     if expired is not None:
         problems.append(expired)
@@ -114,7 +133,7 @@ def verify_artifacts(
 
 def load_verified_manifest(
     directory: Path,
-    trusted_keys: Sequence[Path],
+    trusted_keys: Trust,
     threshold: int = 1,
     state_file: Path | None = None,
     *,
@@ -123,8 +142,10 @@ def load_verified_manifest(
 ) -> Manifest:
     """The manifest, once signed by ``threshold`` trusted keys, unexpired and not rolled back.
 
-    With ``record``, its version becomes the new floor for its model id in ``state_file``.
-    Artifact files are not read here: :func:`load_branch` and :func:`load_trunk` check them.
+    With ``record``, its version becomes the new floor for its model id in ``state_file``
+    (re-checked under the state's lock). Artifact files are not read here:
+    :func:`load_branch` and :func:`load_trunk` check them; :func:`load_verified_artifacts`
+    records only once they loaded too.
     """
     state = state_file or default_state_file()
     verification = verify_artifacts(
@@ -132,8 +153,34 @@ def load_verified_manifest(
     )
     manifest = verification.raise_for_problems()
     if record:
-        record_accepted(state, manifest)
+        record_accepted(state, manifest, now=now)
     return manifest
+
+
+def load_verified_artifacts(
+    directory: Path,
+    trusted_keys: Trust,
+    threshold: int = 1,
+    state_file: Path | None = None,
+    *,
+    branches: Sequence[tuple[int, int]] = (),
+    trunk: bool = False,
+    now: datetime | None = None,
+) -> Verified:
+    """The manifest and the parts a process serves, recorded as accepted only once all loaded.
+
+    A node asks for its ``branches``, a gateway for the ``trunk``: a release whose manifest
+    verifies but whose files do not (an old branch file mixed in, a truncated trunk) raises
+    and leaves the rollback state as it was.
+    """
+    state = state_file or default_state_file()
+    manifest = load_verified_manifest(
+        directory, trusted_keys, threshold, state, now=now, record=False
+    )
+    loaded = {(li, b): load_branch(directory, manifest, li, b) for li, b in branches}
+    trunk_files = load_trunk(directory, manifest) if trunk else None
+    record_accepted(state, manifest, now=now)
+    return Verified(manifest, loaded, trunk_files)
 
 
 def expiry_problem(
@@ -245,7 +292,7 @@ def trunk_model(manifest: Manifest, trunk: Trunk) -> MBTLanguageModel:
 
 def load_model_from_artifacts(
     directory: Path,
-    trusted_keys: list[Path],
+    trusted_keys: Trust,
     threshold: int = 1,
     state_file: Path | None = None,
 ) -> Checkpoint:

@@ -62,6 +62,8 @@ def decode(msg: pb.Tensor, max_elements: int | None = None) -> torch.Tensor:
             f"tensor buffer has {len(msg.buffer)} bytes, shape {shape} of {dtype_name(msg.dtype)} "
             f"needs {count * itemsize}"
         )
+    if math.prod(max(d, 1) for d in shape) * itemsize >= 2**63:  # torch sizes even empty ones
+        raise CodecError(f"invalid tensor shape {shape}: beyond any addressable size")
     if count == 0:
         return torch.empty(shape, dtype=dtype)
     with warnings.catch_warnings():  # the bytes are immutable; callers never write into them

@@ -4,8 +4,11 @@
     ├── CheckpointError      a checkpoint file is missing, truncated, corrupt or mismatched
     ├── TokenizerError       a tokenizer cannot be trained, saved or loaded
     ├── CodecError           a wire tensor is malformed (dtype, shape, size, compression)
+    ├── CertificateError     TLS material is missing, malformed, expired or not from the cluster CA
     ├── ArtifactError        an exported artifact is missing, altered or malformed
-    │   └── SignatureError   a manifest signature is missing, untrusted, expired or rolled back
+    │   └── SignatureError   a signed document is unsigned, untrusted, expired or rolled back
+    │       ├── TrustRootError   a trust root is malformed, under-signed, skips a version, expired
+    │       └── RosterError      a roster of allowed node ids is malformed, unsigned or expired
     ├── NoBranchAvailable    every branch of a layer was masked or rejected
     └── QuorumNotReached     fewer branches answered than the fan-out policy requires
 
@@ -36,7 +39,20 @@ class ArtifactError(MbtError):
 
 
 class SignatureError(ArtifactError):
-    """A manifest is not signed by enough trusted keys, is expired, or is older than accepted."""
+    """A manifest (or another signed document) is not signed by enough trusted keys, is
+    expired, or is older than (or equivocates with) one already accepted."""
+
+
+class TrustRootError(SignatureError):
+    """A trust root cannot be read, is not signed as the rotation rules require, or expired."""
+
+
+class RosterError(SignatureError):
+    """A roster of allowed node ids cannot be read, is not signed by trusted keys, or expired."""
+
+
+class CertificateError(MbtError):
+    """A TLS certificate or key is unreadable, mismatched, expired or not from the cluster CA."""
 
 
 class NoBranchAvailable(MbtError):

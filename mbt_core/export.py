@@ -2,13 +2,17 @@
 
 Each node downloads and verifies only the files it serves, so every branch gets its own file
 and its own hash in the manifest. The manifest is written last: a folder with a manifest never
-points at files that are not there yet.
+points at files that are not there yet. Calibrated output-norm bounds
+(:mod:`mbt_core.calibration`), when given, go into each branch's manifest entry, so they are
+signed with everything else.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,7 +30,7 @@ from mbt_core.layout import (
     branch_file,
     split_state,
 )
-from mbt_core.manifest import ArtifactEntry, Manifest, write_manifest
+from mbt_core.manifest import ArtifactEntry, Manifest, NormBound, write_manifest
 
 DEFAULT_MODEL_ID = "mbt-default"
 
@@ -39,8 +43,13 @@ def export_artifacts(
     model_version: int = 1,
     expires_days: int = 365,
     now: datetime | None = None,
+    norm_bounds: Mapping[tuple[int, int], NormBound] | None = None,
 ) -> Manifest:
-    """Write the artifact files and ``manifest.json`` into ``out_dir`` (new or empty)."""
+    """Write the artifact files and ``manifest.json`` into ``out_dir`` (new or empty).
+
+    ``norm_bounds`` (from :func:`mbt_core.calibration.branch_norm_bounds`) must then cover
+    every branch.
+    """
     if expires_days <= 0:
         raise ValueError(f"expires_days must be positive, got {expires_days}")
     out = Path(out_dir)
@@ -53,6 +62,8 @@ def export_artifacts(
             f"tokenizer has {tokenizer.vocab_size} tokens, the model expects {model.cfg.vocab_size}"
         )
     trunk, branches = split_state(model)
+    if norm_bounds is not None and set(norm_bounds) != set(branches):
+        raise ValueError("norm_bounds must give exactly one bound per (layer, branch)")
     trunk_meta = {
         "format": TRUNK_FORMAT,
         "format_version": str(FILE_FORMAT_VERSION),
@@ -67,7 +78,10 @@ def export_artifacts(
             "layer": str(li),
             "branch": str(b),
         }
-        files.append(_serialize(branch_file(li, b), tensors, meta, "branch", li, b))
+        entry, data = _serialize(branch_file(li, b), tensors, meta, "branch", li, b)
+        if norm_bounds is not None:
+            entry = replace(entry, norm_bound=norm_bounds[(li, b)])
+        files.append((entry, data))
     # Built before anything is written, so invalid arguments leave no half-filled folder.
     manifest = Manifest(
         model_id=model_id,

@@ -4,12 +4,17 @@
 validates every field and refuses unknown ones. Signatures cover :func:`canonical_bytes` of the
 parsed manifest: exactly the fields the program uses, in one byte form, whatever the whitespace
 or key order of the file.
+
+A branch entry may carry a calibrated output-norm bound (``norm_bound``, written by
+``mbt export``); it is omitted when absent, so manifests signed before it existed keep their
+canonical bytes and signatures.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,7 +23,7 @@ from typing import Any, TypeGuard
 
 from mbt_core.config import ModelConfig
 from mbt_core.errors import ArtifactError
-from mbt_core.fileio import atomic_write_bytes, read_capped
+from mbt_core.fileio import atomic_write_bytes, parse_json, read_capped
 
 FORMAT = "mbt-manifest"
 FORMAT_VERSION = 1
@@ -28,6 +33,8 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # ISO-8601 UTC to the second: one spelling p
 ROLES = ("trunk", "branch")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _ENTRY_KEYS = {"name", "role", "layer", "branch", "size", "sha256"}
+_OPTIONAL_ENTRY_KEYS = frozenset({"norm_bound"})
+_NORM_KEYS = {"bound", "max", "quantile", "level"}
 _MANIFEST_KEYS = {
     "format",
     "format_version",
@@ -43,7 +50,8 @@ _MANIFEST_KEYS = {
 def check_file_name(name: str) -> None:
     """Refuse any artifact name but a plain file name inside the artifact folder."""
     if (
-        not name
+        not isinstance(name, str)
+        or not name
         or name in (".", "..", MANIFEST_FILE)
         or "/" in name
         or "\\" in name
@@ -51,6 +59,46 @@ def check_file_name(name: str) -> None:
         or name.startswith(".")
     ):
         raise ValueError(f"artifact name {name!r} is not a plain file name inside the folder")
+
+
+@dataclass(frozen=True)
+class NormBound:
+    """Per-position L2 norms of one branch's output on calibration text, signed at export.
+
+    ``bound`` is what the gateway enforces (clip above it, reject far above it); ``max_norm``
+    and ``quantile_norm`` (the ``level`` quantile) are the measurements it was derived from.
+    """
+
+    bound: float
+    max_norm: float
+    quantile_norm: float
+    level: float
+
+    def __post_init__(self) -> None:
+        for name in ("bound", "max_norm", "quantile_norm", "level"):
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
+                raise ValueError(f"norm_bound {name} must be a finite number > 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.level > 1:
+            raise ValueError(f"norm_bound level must be in (0, 1], got {self.level}")
+        if not self.quantile_norm <= self.max_norm <= self.bound:
+            raise ValueError("norm_bound needs quantile <= max <= bound")
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "bound": self.bound,
+            "max": self.max_norm,
+            "quantile": self.quantile_norm,
+            "level": self.level,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> NormBound:
+        if not isinstance(data, dict):
+            raise ValueError("norm_bound must be an object")
+        check_keys(data, _NORM_KEYS, "norm_bound")
+        return cls(data["bound"], data["max"], data["quantile"], data["level"])
 
 
 @dataclass(frozen=True)
@@ -63,6 +111,7 @@ class ArtifactEntry:
     branch: int | None
     size: int
     sha256: str
+    norm_bound: NormBound | None = None  # branches only; absent in older manifests
 
     def __post_init__(self) -> None:
         check_file_name(self.name)
@@ -72,15 +121,19 @@ class ArtifactEntry:
             raise ValueError(f"{self.name}: the trunk has no layer or branch")
         if self.role == "branch":
             for field_name, value in (("layer", self.layer), ("branch", self.branch)):
-                if not (_is_int(value) and value >= 0):
+                if not (is_int(value) and value >= 0):
                     raise ValueError(f"{self.name}: {field_name} must be an integer >= 0")
-        if not _is_int(self.size) or self.size < 0:
+        if not is_int(self.size) or self.size < 0:
             raise ValueError(f"{self.name}: size must be an integer >= 0, got {self.size!r}")
         if not isinstance(self.sha256, str) or not _SHA256_HEX.fullmatch(self.sha256):
             raise ValueError(f"{self.name}: sha256 must be 64 lowercase hex digits")
+        if self.norm_bound is not None and (
+            self.role != "branch" or not isinstance(self.norm_bound, NormBound)
+        ):
+            raise ValueError(f"{self.name}: only a branch has a norm_bound")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "name": self.name,
             "role": self.role,
             "layer": self.layer,
@@ -88,6 +141,18 @@ class ArtifactEntry:
             "size": self.size,
             "sha256": self.sha256,
         }
+        if self.norm_bound is not None:
+            data["norm_bound"] = self.norm_bound.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str) -> ArtifactEntry:
+        if not isinstance(data, dict):
+            raise ValueError(f"{what} must be an object")
+        check_keys(data, _ENTRY_KEYS, what, optional=_OPTIONAL_ENTRY_KEYS)
+        fields = {k: v for k, v in data.items() if k != "norm_bound"}
+        bound = NormBound.from_dict(data["norm_bound"]) if "norm_bound" in data else None
+        return cls(**fields, norm_bound=bound)
 
 
 @dataclass(frozen=True)
@@ -104,7 +169,7 @@ class Manifest:
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id.strip():
             raise ValueError("model_id must be a non-empty string")
-        if not _is_int(self.model_version) or self.model_version < 1:
+        if not is_int(self.model_version) or self.model_version < 1:
             raise ValueError(f"model_version must be an integer >= 1, got {self.model_version!r}")
         for name, when in (("created_at", self.created_at), ("expires_at", self.expires_at)):
             if when.tzinfo is None or when.utcoffset() or when.microsecond:
@@ -118,6 +183,10 @@ class Manifest:
         if len(trunks) != 1:
             raise ValueError(f"expected exactly one trunk artifact, found {len(trunks)}")
         found = sorted((a.layer, a.branch) for a in self.artifacts if a.role == "branch")
+        if len(found) != sum(self.config.branches):  # before listing a claimed 10**12 branches
+            raise ValueError(
+                f"branch artifacts do not match the config's branches {self.config.branches}"
+            )
         wanted = [(li, b) for li, k in enumerate(self.config.branches) for b in range(k)]
         if found != wanted:
             raise ValueError(
@@ -136,6 +205,14 @@ class Manifest:
             f"(model has branches {self.config.branches})"
         )
 
+    def norm_bounds(self) -> dict[tuple[int, int], NormBound]:
+        """(layer, branch) -> calibrated bound, for the branches the manifest gives one."""
+        return {
+            (a.layer, a.branch): a.norm_bound
+            for a in self.artifacts
+            if a.layer is not None and a.branch is not None and a.norm_bound is not None
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -153,7 +230,7 @@ class Manifest:
         """Validate untrusted JSON; every failure is a ``ValueError`` saying which field."""
         if not isinstance(data, dict):
             raise ValueError("manifest must be a JSON object")
-        _check_keys(data, _MANIFEST_KEYS, "manifest")
+        check_keys(data, _MANIFEST_KEYS, "manifest")
         if data["format"] != FORMAT:
             raise ValueError(f"not an MBT manifest (format {data['format']!r})")
         if data["format_version"] != FORMAT_VERSION:
@@ -163,17 +240,15 @@ class Manifest:
             )
         if not isinstance(data["config"], dict) or not isinstance(data["artifacts"], list):
             raise ValueError("config must be an object and artifacts a list")
-        entries = []
-        for i, item in enumerate(data["artifacts"]):
-            if not isinstance(item, dict):
-                raise ValueError(f"artifacts[{i}] must be an object")
-            _check_keys(item, _ENTRY_KEYS, f"artifacts[{i}]")
-            entries.append(ArtifactEntry(**item))
+        entries = [
+            ArtifactEntry.from_dict(item, f"artifacts[{i}]")
+            for i, item in enumerate(data["artifacts"])
+        ]
         return cls(
             model_id=data["model_id"],
             model_version=data["model_version"],
-            created_at=_parse_time(data["created_at"], "created_at"),
-            expires_at=_parse_time(data["expires_at"], "expires_at"),
+            created_at=parse_time(data["created_at"], "created_at"),
+            expires_at=parse_time(data["expires_at"], "expires_at"),
             config=ModelConfig.from_dict(data["config"]),
             artifacts=tuple(entries),
         )
@@ -200,8 +275,8 @@ def read_manifest(directory: Path) -> Manifest:
     except ValueError as exc:
         raise ArtifactError(f"{path}: {exc}, not a manifest") from exc
     try:
-        return Manifest.from_dict(json.loads(raw.decode("utf-8")))
-    except (UnicodeDecodeError, ValueError, TypeError) as exc:
+        return Manifest.from_dict(parse_json(raw))
+    except (ValueError, TypeError, OverflowError) as exc:  # ModelConfig may int() an inf
         raise ArtifactError(f"{path}: invalid manifest: {exc}") from exc
 
 
@@ -217,7 +292,8 @@ def format_time(when: datetime) -> str:
     return when.strftime(TIME_FORMAT)
 
 
-def _parse_time(value: Any, name: str) -> datetime:
+def parse_time(value: Any, name: str) -> datetime:
+    """A UTC time written by :func:`format_time`; ``ValueError`` naming ``name`` otherwise."""
     if not isinstance(value, str):
         raise ValueError(f"{name} must be a string like 2025-01-31T12:00:00Z")
     try:
@@ -226,11 +302,18 @@ def _parse_time(value: Any, name: str) -> datetime:
         raise ValueError(f"{name} {value!r} is not a UTC time like 2025-01-31T12:00:00Z") from None
 
 
-def _check_keys(data: dict[str, Any], expected: set[str], what: str) -> None:
-    missing, unknown = sorted(expected - set(data)), sorted(set(data) - expected)
+def check_keys(
+    data: dict[str, Any], expected: set[str], what: str, optional: frozenset[str] = frozenset()
+) -> None:
+    """Refuse an object lacking any of ``expected`` or holding keys outside it and ``optional``."""
+    missing, unknown = sorted(expected - set(data)), sorted(set(data) - expected - optional)
     if missing or unknown:
         raise ValueError(f"{what}: missing keys {missing or '-'}, unknown keys {unknown or '-'}")
 
 
-def _is_int(value: object) -> TypeGuard[int]:
+def is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)

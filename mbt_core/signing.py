@@ -3,7 +3,8 @@
 A key is named by its key id, the SHA-256 of its raw 32-byte public key. Each signer adds one
 ``signatures/<key_id>.sig`` file beside the manifest, so a deployment can require several
 independent signers: the manifest counts as signed when ``threshold`` distinct trusted keys have
-a valid signature over its canonical bytes.
+a valid signature over its canonical bytes. :func:`verify_one` and :func:`shortfall` are the
+counting rules shared with the other signed documents (``mbt_core.envelope``).
 """
 
 from __future__ import annotations
@@ -12,25 +13,25 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from mbt_core.errors import SignatureError
-from mbt_core.fileio import atomic_write_bytes, read_capped
+from mbt_core.fileio import atomic_write_bytes, create_new_bytes, read_capped
 from mbt_core.manifest import MANIFEST_FILE, Manifest, canonical_bytes, manifest_digest
 
 ALGORITHM = "ed25519"
 FORMAT = "mbt-signature"
 SIGNATURES_DIR = "signatures"
 MAX_SIGNATURE_BYTES = 64 * 1024  # a signature file is ~300 bytes; refuse to read a huge one
+MAX_KEY_BYTES = 64 * 1024  # a PEM key is a few hundred bytes
 _KEY_ID = re.compile(r"[0-9a-f]{64}")
 _SIGNATURE_KEYS = {"format", "key_id", "algorithm", "signature", "manifest_digest"}
 
@@ -94,8 +95,7 @@ class SignatureCheck:
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()
+    return hashlib.sha256(raw_public_key(public_key)).hexdigest()
 
 
 def generate_key(out_dir: Path, name: str = "mbt-signing") -> GeneratedKey:
@@ -172,27 +172,60 @@ def check_signatures(
         except ValueError as exc:
             problems.append(f"{path}: invalid signature file: {exc}")
             continue
-        key = trusted.get(sig.key_id)
-        if key is None:
+        outcome = verify_one(trusted, sig.key_id, sig.signature, message)
+        if outcome == "valid":
+            valid.add(sig.key_id)
+        elif outcome == "untrusted":
             untrusted.add(sig.key_id)
-            continue
-        try:
-            key.verify(sig.signature, message)
-        except InvalidSignature:
+        else:
             problems.append(
                 f"{path}: signature by trusted key {short_id(sig.key_id)} does not verify "
                 f"against {MANIFEST_FILE} (signed digest {short_id(sig.manifest_digest)}, "
                 f"manifest digest {short_id(digest)}): manifest changed after signing?"
             )
-            continue
-        valid.add(sig.key_id)
-    if len(valid) < threshold:
-        others = ", ".join(sorted(map(short_id, untrusted)))
-        problems.append(
-            f"{Path(directory) / MANIFEST_FILE}: {len(valid)} of {threshold} required trusted "
-            "signatures" + (f" (signatures by untrusted keys {others})" if others else "")
-        )
+    missing = shortfall(len(valid), threshold, untrusted)
+    if missing is not None:
+        problems.append(f"{Path(directory) / MANIFEST_FILE}: {missing}")
     return SignatureCheck(tuple(sorted(valid)), tuple(problems))
+
+
+def verify_one(
+    trusted: Mapping[str, Ed25519PublicKey], kid: str, signature: bytes, message: bytes
+) -> Literal["valid", "untrusted", "invalid"]:
+    """One signature's standing: by a trusted key and verifying, by an unknown key, or forged.
+
+    An unknown key is no problem in itself (another verifier may trust it); a trusted key's
+    signature that does not verify always is.
+    """
+    key = trusted.get(kid)
+    if key is None:
+        return "untrusted"
+    try:
+        key.verify(signature, message)
+    except InvalidSignature:
+        return "invalid"
+    return "valid"
+
+
+def shortfall(n_valid: int, threshold: int, untrusted: Iterable[str] = ()) -> str | None:
+    """The message for fewer than ``threshold`` valid trusted signatures, else None."""
+    if n_valid >= threshold:
+        return None
+    others = ", ".join(sorted(map(short_id, set(untrusted))))
+    return f"{n_valid} of {threshold} required trusted signatures" + (
+        f" (signatures by untrusted keys {others})" if others else ""
+    )
+
+
+def public_key_from_raw(raw: bytes) -> Ed25519PublicKey:
+    """An Ed25519 public key from its 32 raw bytes (as trust roots store keys)."""
+    if len(raw) != 32:
+        raise ValueError(f"an Ed25519 public key has 32 bytes, got {len(raw)}")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def raw_public_key(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def check_threshold(threshold: int, n_trusted: int) -> None:
@@ -222,9 +255,11 @@ def _read_signature(path: Path) -> Signature:
 
 def _load_pem(path: Path, private: bool) -> object:
     try:
-        data = Path(path).read_bytes()
+        data = read_capped(path, MAX_KEY_BYTES)
     except OSError as exc:
         raise SignatureError(f"{path}: cannot read key ({exc.strerror})") from exc
+    except ValueError as exc:
+        raise SignatureError(f"{path}: {exc}, not a PEM key") from exc
     try:
         if private:
             return serialization.load_pem_private_key(data, password=None)
@@ -235,16 +270,8 @@ def _load_pem(path: Path, private: bool) -> object:
 
 
 def _create_new(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode`` from the first byte (O_EXCL: never replace a file)."""
+    """Create ``path`` whole with ``mode``, never replacing a file (a key is never overwritten)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        create_new_bytes(path, data, mode)
     except FileExistsError:
         raise SignatureError(f"{path}: already exists; refusing to overwrite a key") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise

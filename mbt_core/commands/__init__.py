@@ -5,14 +5,17 @@ from __future__ import annotations
 from types import ModuleType
 
 from mbt_core.commands import (
+    certs,
     cluster,
     diagnose,
     evaluate,
     export,
     generate,
     keys,
+    roster,
     sign,
     train,
+    trust,
     verify,
 )
 
@@ -26,4 +29,7 @@ COMMANDS: dict[str, ModuleType] = {
     "keys": keys,
     "sign": sign,
     "verify": verify,
+    "trust": trust,
+    "roster": roster,
+    "certs": certs,
 }

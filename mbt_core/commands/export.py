@@ -1,6 +1,8 @@
 """Export a checkpoint as artifacts: a file per branch, a trunk, and a manifest to sign.
 
 Writes into a new (or empty) OUT_DIR; sign it next with `mbt sign OUT_DIR --key PRIVATE.pem`.
+Each branch's output-norm bound is calibrated on text (default: the start of the shipped
+validation works) and signed into the manifest; the gateway clips or rejects outputs beyond it.
 """
 
 from __future__ import annotations
@@ -8,7 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mbt_core.calibration import (
+    DEFAULT_MARGIN,
+    DEFAULT_TOKENS,
+    branch_norm_bounds,
+    calibration_tokens,
+)
 from mbt_core.checkpoint import load_checkpoint
+from mbt_core.commands.evaluate import evaluation_texts
 from mbt_core.export import DEFAULT_MODEL_ID, export_artifacts
 from mbt_core.manifest import format_time, manifest_digest
 
@@ -30,22 +39,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="integer that only grows; nodes refuse a version below one they accepted",
     )
     p.add_argument("--expires-days", type=int, default=365, help="validity from now, in days")
+    cal = p.add_mutually_exclusive_group()
+    cal.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="text to calibrate the branch output-norm bounds on "
+        "(default: the shipped validation works)",
+    )
+    cal.add_argument("--no-calibration", action="store_true", help="sign no output-norm bounds")
+    p.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=DEFAULT_TOKENS,
+        help="tokens of calibration text to run",
+    )
+    p.add_argument(
+        "--norm-margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help="bound = margin x the largest output norm seen in calibration",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint)
+    bounds = None
+    if not args.no_calibration:
+        texts = evaluation_texts(args.calibration)
+        ids = calibration_tokens(ckpt.tokenizer, texts, args.calibration_tokens)
+        bounds = branch_norm_bounds(ckpt.model, ids, margin=args.norm_margin)
     manifest = export_artifacts(
         ckpt,
         args.out_dir,
         model_id=args.model_id,
         model_version=args.model_version,
         expires_days=args.expires_days,
+        norm_bounds=bounds,
     )
     print(
         f"exported {manifest.model_id} version {manifest.model_version}: "
         f"{len(manifest.artifacts)} artifacts in {args.out_dir}, "
         f"expires {format_time(manifest.expires_at)}"
     )
+    if bounds is not None:
+        print(
+            f"output-norm bounds calibrated on {ids.numel()} tokens: "
+            + " ".join(f"{li}:{b}={nb.bound:.1f}" for (li, b), nb in sorted(bounds.items()))
+        )
     print(f"manifest digest: {manifest_digest(manifest)}")
     print(f"next: mbt sign {args.out_dir} --key PRIVATE.pem")
     return 0
