@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from mbt_aggregator.config import AggregatorConfig, GatewayLimits
+from mbt_aggregator.engine import BatchingConfig
 from mbt_aggregator.policy import MODES, FanoutPolicy
 from mbt_aggregator.server import run_gateway
 from mbt_core.config import AggregationConfig
@@ -29,7 +30,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    pol, lim = FanoutPolicy(), GatewayLimits()
+    pol, lim, bat = FanoutPolicy(), GatewayLimits(), BatchingConfig()
     p = argparse.ArgumentParser(
         prog="mbt-aggregator",
         description=__doc__,
@@ -97,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="reject outputs whose norm exceeds this many times the median",
     )
     p.add_argument("--max-new-tokens", type=int, default=lim.max_new_tokens)
+    p.add_argument(
+        "--max-batch-steps",
+        type=int,
+        default=bat.max_batch_steps,
+        help="session steps one Forward carries (continuous batching)",
+    )
+    p.add_argument(
+        "--gather-ms",
+        type=float,
+        default=bat.gather_ms,
+        help="longest wait of a layer for other live generations to join its batch (0: off)",
+    )
     p.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
     return p
 
@@ -127,6 +140,7 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         policy=policy,
         aggregation=AggregationConfig(mode=args.aggregation, norm_factor=args.norm_factor),
         limits=GatewayLimits(max_new_tokens=args.max_new_tokens),
+        batching=BatchingConfig(max_batch_steps=args.max_batch_steps, gather_ms=args.gather_ms),
     )
 
 

@@ -1,5 +1,11 @@
 """An async client of one node's ``BranchService``: deadlines on every call, domain errors.
 
+Forwards travel over one long-lived ``ForwardStream`` per node (a stream message costs a
+fraction of a unary call's client work, which is what a fan-out pays four times per layer);
+replies are matched by request id. A broken stream fails its pending calls and the next call
+opens a new one. A late reply (past the caller's timeout) is dropped: the node still computed
+it, so its cache has no hole.
+
 gRPC errors are translated here, at the boundary: a node that reports missing cache positions
 raises :class:`CacheGap` with its length, so the caller can replay; anything else raises
 :class:`NodeCallError` with the status code.
@@ -7,6 +13,8 @@ raises :class:`CacheGap` with its length, so the caller can replay; anything els
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,6 +53,50 @@ class StepSpec:
     length: int
 
 
+class _Stream:
+    """One open ``ForwardStream``: writes one at a time, a reader resolving replies by id."""
+
+    def __init__(self, stub: pb_grpc.BranchServiceStub, address: str) -> None:
+        self.address = address
+        self._call = stub.ForwardStream()
+        self._pending: dict[int, asyncio.Future[pb.ForwardReply]] = {}
+        self._write_lock = asyncio.Lock()
+        self.closed = False
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def request(self, request: pb.ForwardRequest) -> pb.ForwardReply:
+        future: asyncio.Future[pb.ForwardReply] = asyncio.get_running_loop().create_future()
+        self._pending[request.request_id] = future
+        try:
+            async with self._write_lock:
+                await self._call.write(request)
+            return await future
+        finally:
+            self._pending.pop(request.request_id, None)
+
+    async def _read(self) -> None:
+        error = NodeCallError(self.address, grpc.StatusCode.UNAVAILABLE, "stream ended")
+        try:
+            async for reply in self._call:
+                future = self._pending.get(reply.request_id)
+                if future is not None and not future.done():
+                    future.set_result(reply)
+        except grpc.aio.AioRpcError as exc:
+            error = NodeCallError(self.address, exc.code(), exc.details() or "")
+        except asyncio.CancelledError:
+            error = NodeCallError(self.address, grpc.StatusCode.CANCELLED, "client closed")
+        finally:
+            self.closed = True
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(error)
+
+    async def close(self) -> None:
+        self._call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
 class NodeClient:
     def __init__(self, address: str, max_message_bytes: int = 64 << 20) -> None:
         self.address = address
@@ -56,8 +108,12 @@ class NodeClient:
             ],
         )
         self._stub = pb_grpc.BranchServiceStub(self._channel)
+        self._stream: _Stream | None = None
+        self._ids = itertools.count(1)
 
     async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
         await self._channel.close()
 
     async def describe(self, timeout_s: float) -> pb.DescribeResponse:
@@ -83,19 +139,29 @@ class NodeClient:
                 for s in steps
             ],
             inputs=encode(inputs),
+            request_id=next(self._ids),
         )
+        if self._stream is None or self._stream.closed:
+            self._stream = _Stream(self._stub, self.address)
         try:
-            response = await self._stub.Forward(request, timeout=timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise self._translate(exc) from exc
-        outputs = {o.branch: decode(o.outputs) for o in response.outputs}
+            async with asyncio.timeout(timeout_s):
+                reply = await self._stream.request(request)
+        except TimeoutError:
+            raise NodeCallError(
+                self.address, grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply in {timeout_s:.3g} s"
+            ) from None
+        if reply.HasField("error"):
+            e = reply.error
+            cache = e.cache_length if e.HasField("cache_length") else None
+            raise self._error(_CODES.get(e.code, grpc.StatusCode.UNKNOWN), e.details, cache)
+        outputs = {o.branch: decode(o.outputs) for o in reply.response.outputs}
         if sorted(outputs) != sorted(branches):
             raise NodeCallError(
                 self.address,
                 grpc.StatusCode.INTERNAL,
                 f"answered branches {sorted(outputs)}, asked {sorted(branches)}",
             )
-        return outputs, response.compute_seconds
+        return outputs, reply.response.compute_seconds
 
     async def end_session(self, session_id: str, timeout_s: float) -> int:
         try:
@@ -107,9 +173,16 @@ class NodeClient:
         return reply.released_caches
 
     def _translate(self, exc: grpc.aio.AioRpcError) -> NodeCallError:
-        code, details = exc.code(), exc.details() or ""
-        if code == grpc.StatusCode.FAILED_PRECONDITION:
-            for key, value in exc.trailing_metadata() or ():
-                if key == CACHE_LENGTH_METADATA:
-                    return CacheGap(self.address, details, int(value))
+        cache = None
+        for key, value in exc.trailing_metadata() or ():
+            if key == CACHE_LENGTH_METADATA:
+                cache = int(value)
+        return self._error(exc.code(), exc.details() or "", cache)
+
+    def _error(self, code: grpc.StatusCode, details: str, cache: int | None) -> NodeCallError:
+        if code == grpc.StatusCode.FAILED_PRECONDITION and cache is not None:
+            return CacheGap(self.address, details, cache)
         return NodeCallError(self.address, code, details)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}

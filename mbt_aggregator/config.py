@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mbt_aggregator.engine import BatchingConfig
 from mbt_aggregator.policy import FanoutPolicy
 from mbt_core.config import AggregationConfig
 
@@ -36,6 +37,7 @@ class AggregatorConfig:
     policy: FanoutPolicy = field(default_factory=FanoutPolicy)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     limits: GatewayLimits = field(default_factory=GatewayLimits)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
     admit_timeout_s: float = 2.0
     health_interval_s: float = 1.0
     torch_threads: int = 1

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -77,6 +78,63 @@ class _Answer:
     seconds: float
 
 
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Continuous batching: how many steps one ``Forward`` carries, how long a layer gathers.
+
+    A layer holds its batch while fewer steps are queued than sessions are live, until nothing
+    new arrived for ``gather_idle_ms`` or ``gather_ms`` passed. Concurrent generations so fall
+    into step: all of them cross each layer in one call per branch instead of four smaller
+    ones, each call paying its fixed cost. A lone generation never waits.
+    """
+
+    max_batch_steps: int = 64
+    gather_ms: float = 20.0
+    gather_idle_ms: float = 2.0
+    live_after_s: float = 2.0  # a session not seen for this long no longer counts as live
+
+    def __post_init__(self) -> None:
+        if self.max_batch_steps <= 0 or min(self.gather_ms, self.gather_idle_ms) < 0:
+            raise ValueError("max_batch_steps must be positive and the gather times >= 0")
+
+
+def _per_step(mask: Tensor, rows: list[int], reduce: Callable[..., bool]) -> list[tuple[bool, ...]]:
+    """Per session step, per branch: ``reduce`` (all/any) of ``mask`` (K, positions) over the
+    step's positions. Decode steps are one position each: one conversion serves them all."""
+    if all(n == 1 for n in rows):
+        return [tuple(r) for r in mask.T.tolist()]
+    out, offset = [], 0
+    for n in rows:
+        out.append(tuple(reduce(col) for col in mask[:, offset : offset + n].tolist()))
+        offset += n
+    return out
+
+
+class _NodeCalls:
+    """The Forwards of one layer step, shared: the branches whose first choice is the same node
+    travel in one call to it; a hedge or a failover asks another node for one branch."""
+
+    def __init__(
+        self, engine: Engine, batch: list[_Step], layer: int, replicas: dict[int, list[Node]]
+    ) -> None:
+        self._engine, self._batch, self._layer = engine, batch, layer
+        self._planned: dict[str, tuple[int, ...]] = {}
+        for b, nodes in replicas.items():
+            self._planned[nodes[0].node_id] = (*self._planned.get(nodes[0].node_id, ()), b)
+        self._running: dict[tuple[str, tuple[int, ...]], asyncio.Task[dict[int, _Answer]]] = {}
+
+    async def answer(self, node: Node, branch: int) -> _Answer:
+        planned = self._planned.get(node.node_id, ())
+        branches = planned if branch in planned else (branch,)
+        key = (node.node_id, branches)
+        task = self._running.get(key)
+        if task is None:
+            call = self._engine._call(node, self._batch, self._layer, branches)
+            task = self._running[key] = asyncio.get_running_loop().create_task(call)
+        # Shielded: a waiter that goes away must not cancel the call the others share.
+        return (await asyncio.shield(task))[branch]
+
+
 class Engine:
     """Layer steps across the swarm. Steps of concurrent generations that reach the same layer
     are merged: one ``Forward`` per branch carries all of them (continuous batching)."""
@@ -88,14 +146,16 @@ class Engine:
         policy: FanoutPolicy,
         aggregation: AggregationConfig,
         metrics: Metrics,
-        max_batch_steps: int = 64,
+        batching: BatchingConfig | None = None,
     ) -> None:
         self.trunk = trunk
         self.registry = registry
         self.policy = policy
         self.aggregation = aggregation
         self.metrics = metrics
-        self.max_batch_steps = max_batch_steps
+        self.batching = batching or BatchingConfig()
+        self._live: dict[str, float] = {}  # session id -> when it last reached a layer
+        self._at: dict[str, int] = {}  # session id -> the layer its step waits in
         with torch.no_grad():
             self.alphas = [layer.weights().detach() for layer in trunk.layers]
         self._queues: dict[int, list[_Step]] = {}
@@ -106,12 +166,13 @@ class Engine:
         self, session: Session, layer: int, start: int, h: Tensor
     ) -> tuple[Tensor, LayerReport]:
         """Fuse layer ``layer``'s branches on ``h`` (T, C) at positions ``start..start+T``."""
+        loop = asyncio.get_running_loop()
+        self._live[session.session_id] = loop.time()
+        self._at[session.session_id] = layer
         past = session.history.get(layer)
         kept = past[:start] if past is not None else h[:0]
         session.history[layer] = torch.cat([kept, h])
-        future: asyncio.Future[tuple[Tensor, LayerReport]] = (
-            asyncio.get_running_loop().create_future()
-        )
+        future: asyncio.Future[tuple[Tensor, LayerReport]] = loop.create_future()
         self._queues.setdefault(layer, []).append(_Step(session, start, h, future))
         self._wake(layer)
         return await future
@@ -132,12 +193,14 @@ class Engine:
 
     async def _work(self, layer: int) -> None:
         queue, wakeup = self._queues.setdefault(layer, []), self._wakeups[layer]
+        limit = self.batching.max_batch_steps
         while True:
             if not queue:
                 wakeup.clear()
                 await wakeup.wait()
-            batch = [s for s in queue[: self.max_batch_steps] if not s.future.done()]
-            del queue[: self.max_batch_steps]
+            await self._gather(layer, queue, wakeup)
+            batch = [s for s in queue[:limit] if not s.future.done()]
+            del queue[:limit]
             if not batch:
                 continue
             try:
@@ -145,6 +208,7 @@ class Engine:
             except Exception as exc:  # every step of the batch fails alike
                 results = [exc] * len(batch)
             for step, result in zip(batch, results, strict=True):
+                self._at.pop(step.session.session_id, None)
                 if step.future.done():
                     continue  # its generation went away
                 if isinstance(result, BaseException):
@@ -152,22 +216,49 @@ class Engine:
                 else:
                     step.future.set_result(result)
 
+    async def _gather(self, layer: int, queue: list[_Step], wakeup: asyncio.Event) -> None:
+        """Wait briefly for the other live sessions to reach this layer.
+
+        Sessions in an earlier layer are on their way: wait for them (up to ``gather_ms``), so
+        a lagging group catches up and the groups merge. Sessions in no layer are between
+        tokens: wait while they keep arriving (``gather_idle_ms`` apart at most). Sessions in a
+        later layer are ahead: never wait for them, or two groups would wait for each other.
+        """
+        cfg = self.batching
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        end = now + cfg.gather_ms / 1000
+        while now < end:
+            for stale in [k for k, seen in self._live.items() if now - seen > cfg.live_after_s]:
+                del self._live[stale]  # went away without ending its session
+            if len(queue) >= min(len(self._live), cfg.max_batch_steps):
+                return
+            behind = any(at < layer for at in self._at.values())
+            wait_s = end - now if behind else min(end - now, cfg.gather_idle_ms / 1000)
+            wakeup.clear()
+            try:
+                async with asyncio.timeout(wait_s):
+                    await wakeup.wait()
+            except TimeoutError:
+                return  # nobody came for a while
+            now = loop.time()
+
     async def _fanout(
         self, layer: int, batch: list[_Step]
     ) -> list[tuple[Tensor, LayerReport] | BaseException]:
         t0 = time.perf_counter()
+        self.metrics.batch_steps.labels(layer=str(layer)).observe(len(batch))
         alpha = self.alphas[layer]
         k = alpha.numel()
+        replicas = {b: r for b in range(k) if (r := self.registry.replicas((layer, b)))}
+        calls = _NodeCalls(self, batch, layer, replicas)
         primary, hedges, hedge_after = {}, {}, {}
-        for b in range(k):
-            replicas = self.registry.replicas((layer, b))
-            if not replicas:
-                continue
+        for b, nodes in replicas.items():
             # The primary fails over to the other replicas in turn when a call fails outright.
-            primary[b] = self._caller(replicas, batch, layer, b)
-            if self.policy.hedge and len(replicas) > 1:
-                hedges[b] = self._caller(replicas[1:2], batch, layer, b)
-                hedge_after[b] = replicas[0].p95(default_s=self.policy.request_timeout_s / 4)
+            primary[b] = self._caller(nodes, calls, b)
+            if self.policy.hedge and len(nodes) > 1:
+                hedges[b] = self._caller(nodes[1:2], calls, b)
+                hedge_after[b] = nodes[0].p95(default_s=self.policy.request_timeout_s / 4)
         weights = {b: float(alpha[b]) for b in range(k)}
         got: Collected[int, _Answer] = await collect(
             primary, self.policy, weights=weights, hedges=hedges, hedge_after_s=hedge_after
@@ -194,56 +285,79 @@ class Engine:
             self.metrics.quorum_failures.labels(layer=str(layer)).inc()
             raise QuorumNotReached(f"layer {layer}: {exc}") from exc
         elapsed = time.perf_counter() - t0
+        for b in got.hedged:
+            self.metrics.hedges.labels(layer=str(layer), branch=str(b)).inc()
+        # Steps usually share one outcome pattern: build each pattern's report once.
+        patterns = list(
+            zip(
+                _per_step(fused.accepted, rows, all),
+                _per_step(fused.rejected, rows, any),
+                strict=True,
+            )
+        )
+        made: dict[tuple[tuple[bool, ...], tuple[bool, ...]], LayerReport | QuorumNotReached] = {}
+        for pattern, count in Counter(patterns).items():
+            made[pattern] = self._layer_report(layer, got, pattern, elapsed, count)
+        lost = [r.lost_weight for r in made.values() if isinstance(r, LayerReport)]
+        self.metrics.layer_step(layer, elapsed, max(lost, default=1.0))
         results: list[tuple[Tensor, LayerReport] | BaseException] = []
         offset = 0
-        for n in rows:
-            part = slice(offset, offset + n)
+        for n, pattern in zip(rows, patterns, strict=True):
+            report = made[pattern]
+            if isinstance(report, LayerReport):
+                results.append((fused.output[offset : offset + n], report))
+            else:
+                results.append(report)
             offset += n
-            accepted = fused.accepted[:, part].all(1)  # (K,)
-            rejected = fused.rejected[:, part].any(1)
-            if int(accepted.sum()) < self.policy.min_branches:
-                self.metrics.quorum_failures.labels(layer=str(layer)).inc()
-                results.append(
-                    QuorumNotReached(
-                        f"layer {layer}: {int(accepted.sum())} branches usable, the policy needs "
-                        f"{self.policy.min_branches} (missing: {sorted(got.missing())})"
-                    )
-                )
-                continue
-            reports = tuple(
-                self._report(layer, b, got, bool(accepted[b]), bool(rejected[b])) for b in range(k)
-            )
-            lost = float(1.0 - alpha[accepted].sum())
-            self.metrics.layer_step(layer, elapsed, lost)
-            results.append((fused.output[part], LayerReport(layer, reports, elapsed, lost)))
         return results
 
-    def _report(
-        self, layer: int, b: int, got: Collected[int, _Answer], accepted: bool, rejected: bool
-    ) -> BranchReport:
-        answer = got.results.get(b)
-        outcome = OK if accepted else REJECTED if rejected else MASKED
-        if outcome != OK:
-            self.metrics.masked.labels(layer=str(layer), branch=str(b), reason=outcome).inc()
-        if answer is not None and outcome == REJECTED:
-            self._count(answer.node, layer, b, "rejected")
-        if b in got.hedged:
-            self.metrics.hedges.labels(layer=str(layer), branch=str(b)).inc()
-        return BranchReport(
-            branch=b,
-            outcome=outcome,
-            node_id=answer.node.node_id if answer else "",
-            hedged=b in got.hedged,
-            latency_s=answer.seconds if answer else got.elapsed_s,
-        )
+    def _layer_report(
+        self,
+        layer: int,
+        got: Collected[int, _Answer],
+        pattern: tuple[tuple[bool, ...], tuple[bool, ...]],
+        elapsed: float,
+        steps: int,
+    ) -> LayerReport | QuorumNotReached:
+        """What every branch did for ``steps`` session steps that share one outcome pattern."""
+        accepted, rejected = pattern
+        usable = sum(accepted)
+        if usable < self.policy.min_branches:
+            self.metrics.quorum_failures.labels(layer=str(layer)).inc(steps)
+            return QuorumNotReached(
+                f"layer {layer}: {usable} branches usable, the policy needs "
+                f"{self.policy.min_branches} (missing: {sorted(got.missing())})"
+            )
+        reports = []
+        for b, (ok, refused) in enumerate(zip(accepted, rejected, strict=True)):
+            answer = got.results.get(b)
+            outcome = OK if ok else REJECTED if refused else MASKED
+            if outcome != OK:
+                self.metrics.masked.labels(layer=str(layer), branch=str(b), reason=outcome).inc(
+                    steps
+                )
+            if answer is not None and outcome == REJECTED:
+                for _ in range(steps):
+                    self.metrics.branch_call(layer, b, answer.node.node_id, "rejected")
+            reports.append(
+                BranchReport(
+                    branch=b,
+                    outcome=outcome,
+                    node_id=answer.node.node_id if answer else "",
+                    hedged=b in got.hedged,
+                    latency_s=answer.seconds if answer else got.elapsed_s,
+                )
+            )
+        lost = float(1.0 - self.alphas[layer][torch.tensor(accepted)].sum())
+        return LayerReport(layer, tuple(reports), elapsed, lost)
 
     def _caller(
-        self, replicas: list[Node], batch: list[_Step], layer: int, branch: int
+        self, replicas: list[Node], calls: _NodeCalls, branch: int
     ) -> Callable[[], Awaitable[_Answer]]:
         async def call() -> _Answer:
             for i, node in enumerate(replicas):
                 try:
-                    return await self._call(node, batch, layer, branch)
+                    return await calls.answer(node, branch)
                 except NodeCallError as exc:
                     # A refused or unreachable replica: try the next. A timeout is not retried:
                     # the policy's time is spent.
@@ -253,27 +367,30 @@ class Engine:
 
         return call
 
-    async def _call(self, node: Node, batch: list[_Step], layer: int, branch: int) -> _Answer:
-        labels = {"layer": str(layer), "branch": str(branch), "node": node.node_id[:16]}
+    async def _call(
+        self, node: Node, batch: list[_Step], layer: int, branches: tuple[int, ...]
+    ) -> dict[int, _Answer]:
+        """One Forward to ``node`` for all of ``branches``, counted per branch."""
         t0 = time.perf_counter()
         try:
-            outputs = await self._forward(node, batch, layer, branch)
+            outputs = await self._forward(node, batch, layer, branches)
         except NodeCallError as exc:
             self.registry.failed(node)
             outcome = "timeout" if exc.code.name == "DEADLINE_EXCEEDED" else "error"
-            self.metrics.branch_calls.labels(**labels, outcome=outcome).inc()
+            for b in branches:
+                self.metrics.branch_call(layer, b, node.node_id, outcome)
             raise
         seconds = time.perf_counter() - t0
         node.record_success(seconds)
         for step in batch:
             step.session.nodes.add(node.node_id)
-        self.metrics.branch_calls.labels(**labels, outcome="ok").inc()
-        self.metrics.branch_latency.labels(**labels).observe(seconds)
-        return _Answer(outputs, node, seconds)
+        for b in branches:
+            self.metrics.branch_call(layer, b, node.node_id, "ok", seconds)
+        return {b: _Answer(outputs[b], node, seconds) for b in branches}
 
     async def _forward(
-        self, node: Node, batch: list[_Step], layer: int, branch: int
-    ) -> list[Tensor]:
+        self, node: Node, batch: list[_Step], layer: int, branches: tuple[int, ...]
+    ) -> dict[int, list[Tensor]]:
         """One Forward for the whole batch; a node that missed positions is replayed to."""
         timeout = self.policy.request_timeout_s
         rows = [step.h.shape[0] for step in batch]
@@ -282,34 +399,40 @@ class Engine:
         ]
         try:
             outs, _ = await node.client.forward(
-                layer, [branch], steps, torch.cat([s.h for s in batch]), timeout
+                layer, branches, steps, torch.cat([s.h for s in batch]), timeout
             )
-            return list(outs[branch].split(rows))
+            return {b: list(outs[b].split(rows)) for b in branches}
         except CacheGap as gap:
             if len(batch) > 1:  # which session has the hole: each on its own, each replayed
                 parts = await asyncio.gather(
-                    *(self._forward(node, [s], layer, branch) for s in batch)
+                    *(self._forward(node, [s], layer, branches) for s in batch)
                 )
-                return [p[0] for p in parts]
-            (step,) = batch
-            if gap.length >= step.start:
-                raise
-            # The node missed positions gap.length..start: replay them with this step.
-            replay = step.session.history[layer][gap.length : step.start + rows[0]]
+                return {b: [p[b][0] for p in parts] for b in branches}
+            refusal = gap
+        (step,) = batch
+        # The node missed positions start..step.start: replay them with this step. Its
+        # branches may hold different lengths; each refusal names a shorter one.
+        for _ in range(len(branches)):
+            start = refusal.length
+            if start >= step.start:
+                raise refusal
+            replay = step.session.history[layer][start : step.start + rows[0]]
             self.metrics.replays.labels(node=node.node_id[:16]).inc()
-            outs, _ = await node.client.forward(
-                layer,
-                [branch],
-                [StepSpec(step.session.session_id, gap.length, replay.shape[0])],
-                replay,
-                timeout,
-            )
-            return [outs[branch][-rows[0] :]]
-
-    def _count(self, node: Node, layer: int, branch: int, outcome: str) -> None:
-        self.metrics.branch_calls.labels(
-            layer=str(layer), branch=str(branch), node=node.node_id[:16], outcome=outcome
-        ).inc()
+            try:
+                outs, _ = await node.client.forward(
+                    layer,
+                    branches,
+                    [StepSpec(step.session.session_id, start, replay.shape[0])],
+                    replay,
+                    timeout,
+                )
+            except CacheGap as again:
+                if again.length >= start:
+                    raise
+                refusal = again
+                continue
+            return {b: [outs[b][-rows[0] :]] for b in branches}
+        raise refusal
 
     @staticmethod
     def _late_done(task: asyncio.Task[_Answer]) -> None:
@@ -318,6 +441,8 @@ class Engine:
 
     async def end_session(self, session: Session) -> None:
         """Release the session's caches on every node that took part (best effort)."""
+        self._live.pop(session.session_id, None)
+        self._at.pop(session.session_id, None)
         calls = []
         for node_id in session.nodes:
             node = self.registry.get(node_id)

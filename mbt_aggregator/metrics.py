@@ -6,6 +6,8 @@ reason), never a session id.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -14,6 +16,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._branch_series: dict[tuple[int, int, str, str], tuple[Any, Any]] = {}
         r = registry
         self.branch_latency = Histogram(
             "mbt_branch_call_seconds",
@@ -42,6 +45,13 @@ class Metrics:
             "Fan-out + aggregation time of one layer step",
             ["layer"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_steps = Histogram(
+            "mbt_batch_steps",
+            "Session steps carried by one layer step (continuous batching)",
+            ["layer"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
         self.masked = Counter(
@@ -91,6 +101,23 @@ class Metrics:
             ["layer", "name"],
             registry=r,
         )
+
+    def branch_call(
+        self, layer: int, branch: int, node_id: str, outcome: str, seconds: float | None = None
+    ) -> None:
+        """Count one branch call (and time a successful one). The labelled series are looked
+        up once and kept: this runs for every call of every fan-out."""
+        key = (layer, branch, node_id, outcome)
+        series = self._branch_series.get(key)
+        if series is None:
+            labels = {"layer": str(layer), "branch": str(branch), "node": node_id[:16]}
+            series = self._branch_series[key] = (
+                self.branch_calls.labels(**labels, outcome=outcome),
+                self.branch_latency.labels(**labels),
+            )
+        series[0].inc()
+        if seconds is not None:
+            series[1].observe(seconds)
 
     def layer_step(self, layer: int, seconds: float, lost_weight: float) -> None:
         self.layer_latency.labels(layer=str(layer)).observe(seconds)

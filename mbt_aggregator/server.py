@@ -51,7 +51,7 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
 
     metrics = Metrics(CollectorRegistry())
     registry = Registry()
-    engine = Engine(trunk, registry, cfg.policy, cfg.aggregation, metrics)
+    engine = Engine(trunk, registry, cfg.policy, cfg.aggregation, metrics, cfg.batching)
     for layer, alpha in enumerate(engine.alphas):
         for name, value in weight_stats(alpha).items():
             metrics.width.labels(layer=str(layer), name=name).set(value)

@@ -83,6 +83,7 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
         await stop.wait()
         log.info("draining")
     finally:
+        servicer.draining.set()
         await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
         if advertiser is not None:
             await advertiser.stop()

@@ -231,7 +231,8 @@ def test_node_with_another_manifest_is_rejected(cluster: Cluster, tmp_path: Path
     tok = Tokenizer.from_json(model_tokenizer(model))
     manifest = export_artifacts(Checkpoint(model.model, tok), other, expires_days=30)
     sign_manifest(other, manifest, load_private_key(model.key.private_path))
-    rogue = replace(model, directory=other)  # same model and version, another digest
+    # Same model and version, another digest, on a machine of its own (its own rollback state).
+    rogue = replace(model, directory=other, state_dir=tmp_path / "rogue-state")
     rogue_node = start_process("mbt_node.cli", rogue.node_args("0:1", "--interface", "127.0.0.1"))
     try:
         deadline = time.monotonic() + 15
@@ -271,6 +272,44 @@ def test_sigstop_with_deadline_policy(model: SignedModel) -> None:
         ]
         assert used_again, "the resumed node was never used again"
         _check_against_masked_reference(model, events)
+
+
+def test_hedging_routes_around_a_paused_replica(model: SignedModel) -> None:
+    """With --hedge, a paused primary replica costs one hedge delay per step, not the request
+    timeout, and nothing is masked: the tokens stay exactly the in-process ones."""
+    timeout_s = 5.0
+    for cluster in _cluster(model, "--hedge", "--request-timeout-s", str(timeout_s)):
+        ids = {node_id(n): i for i, n in enumerate(cluster.nodes)}
+        events, victim = [], None
+        for event in cluster.stub.Generate(
+            gw.GenerateRequest(prompt=PROMPT, max_new_tokens=40, temperature=0), timeout=120
+        ):
+            events.append(event)
+            if event.index == 5:
+                # Layer 1 branch 2 lives on nodes 2 and 3, whose branches all have a second
+                # replica: pause the one that answers it now.
+                victim = ids[_outcomes(event, 1)[2][1]]
+                cluster.nodes[victim].signal(signal.SIGSTOP)
+            if event.index == 15:
+                cluster.nodes[victim].signal(signal.SIGCONT)
+        assert victim in (2, 3)
+        assert [e.token_id for e in events] == _in_process(model, 40)
+        paused = events[6:16]
+        assert max(e.latency_ms for e in paused) < timeout_s * 1000 / 2
+        hedged = [
+            b
+            for e in paused
+            for layer in e.layers
+            for b in layer.branches
+            if b.hedged and b.outcome == gw.OUTCOME_OK
+        ]
+        assert hedged, "no step was answered by a hedge"
+        assert all(ids[b.node_id] != victim for b in hedged)
+        assert all(b.outcome == gw.OUTCOME_OK for e in events for b in e.layers[1].branches)
+        hedge_count = sum(
+            v for (name, _), v in cluster.metrics().items() if name == "mbt_hedged_calls_total"
+        )
+        assert hedge_count >= len(paused)
 
 
 def _check_against_masked_reference(model: SignedModel, events: list[gw.GenerateEvent]) -> None:

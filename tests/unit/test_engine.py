@@ -30,6 +30,7 @@ class FakeClient:
         self.fail = False
         self.calls = 0
         self.steps_per_call: list[int] = []
+        self.branches_per_call: list[tuple[int, ...]] = []
         self.address = "fake"
 
     async def forward(self, layer, branches, steps, inputs, timeout_s):  # type: ignore[no-untyped-def]
@@ -37,6 +38,7 @@ class FakeClient:
         if self.fail:
             raise NodeCallError("fake", grpc.StatusCode.UNAVAILABLE, "down")
         self.steps_per_call.append(len(steps))
+        self.branches_per_call.append(tuple(branches))
         out = {}
         for b in branches:
             branch = self.model.layers[layer].branches[b]
@@ -166,7 +168,7 @@ def test_a_failing_replica_fails_over_to_the_next(tiny_model: MBTLanguageModel) 
         assert torch.equal(out, tiny_model.layers[0](h[None]).output[0])
 
 
-def test_concurrent_sessions_share_one_call_per_branch(tiny_model: MBTLanguageModel) -> None:
+def test_concurrent_sessions_share_one_call_per_node(tiny_model: MBTLanguageModel) -> None:
     engine, clients = _engine(tiny_model, {"a": _all(tiny_model)})
     hs = [torch.randn(n, tiny_model.cfg.d_model) for n in (3, 5, 2)]
 
@@ -175,7 +177,9 @@ def test_concurrent_sessions_share_one_call_per_branch(tiny_model: MBTLanguageMo
         return [out for out, _ in results]
 
     outs = asyncio.run(run())
-    assert clients["a"].steps_per_call == [3, 3, 3]  # one call per branch, three sessions each
+    # One call to the node for all its branches of the layer, carrying the three sessions.
+    assert clients["a"].steps_per_call == [3]
+    assert clients["a"].branches_per_call == [tuple(range(len(tiny_model.layers[1].branches)))]
     for h, out in zip(hs, outs, strict=True):
         with torch.no_grad():
             ref = tiny_model.layers[1](h[None]).output[0]
@@ -202,3 +206,27 @@ def test_a_gap_in_a_batched_call_is_replayed_per_session(tiny_model: MBTLanguage
         with torch.no_grad():
             ref = tiny_model.layers[0](h[None]).output[0, 4:]
         assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_branches_of_one_node_with_different_gaps_are_replayed(
+    tiny_model: MBTLanguageModel,
+) -> None:
+    engine, clients = _engine(tiny_model, {"a": _all(tiny_model)})
+    d = tiny_model.cfg.d_model
+    session, h = Session(), torch.randn(7, d)
+
+    async def run() -> torch.Tensor:
+        await engine.run_layer(session, 0, 0, h[:6])
+        clients["a"].caches[(session.session_id, 0, 0)].truncate(4)  # lost two positions
+        clients["a"].caches[(session.session_id, 0, 1)].truncate(1)  # lost five
+        before = clients["a"].calls
+        out, report = await engine.run_layer(session, 0, 6, h[6:])
+        # Refused (gap at 4), replay from 4 refused (branch 1 holds 1), replay from 1.
+        assert clients["a"].calls - before == 3
+        assert all(b.outcome == OK for b in report.branches)
+        return out
+
+    out = asyncio.run(run())
+    with torch.no_grad():
+        ref = tiny_model.layers[0](h[None]).output[0, 6:]
+    assert (out - ref).abs().max().item() < 1e-5

@@ -100,16 +100,18 @@ class SessionStep(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., start: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("layer", "branches", "steps", "inputs")
+    __slots__ = ("layer", "branches", "steps", "inputs", "request_id")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     layer: int
     branches: _containers.RepeatedScalarFieldContainer[int]
     steps: _containers.RepeatedCompositeFieldContainer[SessionStep]
     inputs: Tensor
-    def __init__(self, layer: _Optional[int] = ..., branches: _Optional[_Iterable[int]] = ..., steps: _Optional[_Iterable[_Union[SessionStep, _Mapping]]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    request_id: int
+    def __init__(self, layer: _Optional[int] = ..., branches: _Optional[_Iterable[int]] = ..., steps: _Optional[_Iterable[_Union[SessionStep, _Mapping]]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[int] = ...) -> None: ...
 
 class BranchOutput(_message.Message):
     __slots__ = ("branch", "outputs")
@@ -126,6 +128,26 @@ class ForwardResponse(_message.Message):
     outputs: _containers.RepeatedCompositeFieldContainer[BranchOutput]
     compute_seconds: float
     def __init__(self, outputs: _Optional[_Iterable[_Union[BranchOutput, _Mapping]]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+
+class CallError(_message.Message):
+    __slots__ = ("code", "details", "cache_length")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    details: str
+    cache_length: int
+    def __init__(self, code: _Optional[int] = ..., details: _Optional[str] = ..., cache_length: _Optional[int] = ...) -> None: ...
+
+class ForwardReply(_message.Message):
+    __slots__ = ("request_id", "response", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    response: ForwardResponse
+    error: CallError
+    def __init__(self, request_id: _Optional[int] = ..., response: _Optional[_Union[ForwardResponse, _Mapping]] = ..., error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("session_id",)

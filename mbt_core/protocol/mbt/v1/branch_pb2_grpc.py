@@ -44,6 +44,11 @@ class BranchServiceStub:
                 request_serializer=mbt_dot_v1_dot_branch__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=mbt_dot_v1_dot_branch__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.ForwardStream = channel.stream_stream(
+                '/mbt.v1.BranchService/ForwardStream',
+                request_serializer=mbt_dot_v1_dot_branch__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=mbt_dot_v1_dot_branch__pb2.ForwardReply.FromString,
+                _registered_method=True)
         self.EndSession = channel.unary_unary(
                 '/mbt.v1.BranchService/EndSession',
                 request_serializer=mbt_dot_v1_dot_branch__pb2.EndSessionRequest.SerializeToString,
@@ -66,6 +71,15 @@ class BranchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardStream(self, request_iterator, context):
+        """Many Forwards over one long-lived stream: each costs a fraction of a unary call. Requests
+        run concurrently as they arrive; replies may come out of order, matched by request_id. A
+        draining node finishes what it received and then ends the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def EndSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -84,6 +98,11 @@ def add_BranchServiceServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=mbt_dot_v1_dot_branch__pb2.ForwardRequest.FromString,
                     response_serializer=mbt_dot_v1_dot_branch__pb2.ForwardResponse.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardStream,
+                    request_deserializer=mbt_dot_v1_dot_branch__pb2.ForwardRequest.FromString,
+                    response_serializer=mbt_dot_v1_dot_branch__pb2.ForwardReply.SerializeToString,
             ),
             'EndSession': grpc.unary_unary_rpc_method_handler(
                     servicer.EndSession,
@@ -145,6 +164,33 @@ class BranchService:
             '/mbt.v1.BranchService/Forward',
             mbt_dot_v1_dot_branch__pb2.ForwardRequest.SerializeToString,
             mbt_dot_v1_dot_branch__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mbt.v1.BranchService/ForwardStream',
+            mbt_dot_v1_dot_branch__pb2.ForwardRequest.SerializeToString,
+            mbt_dot_v1_dot_branch__pb2.ForwardReply.FromString,
             options,
             channel_credentials,
             insecure,
