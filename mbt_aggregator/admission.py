@@ -1,8 +1,12 @@
-"""Admission: a candidate node is used only if ``Describe`` proves it serves the signed model.
+"""Admission: a candidate node is used only once it proved who it is and what it serves.
 
-A TXT record or a peer list only says where to look. The node must report the manifest's
-model id, version and digest, and for every branch it serves the artifact hash the manifest
-lists; with an allow-list, its id must be on it. Rejections carry a short reason for metrics.
+A TXT record or a peer list only says where to look. Identity first: with TLS, the id is the
+one the node's certificate proves (:mod:`mbt_aggregator.identity`), which must equal the id
+its mDNS record claimed (a static peer claims none), and the channel pins that id; without
+TLS only the claim and ``Describe``'s answer can be compared. Then membership: with a signed
+roster or an allow-list, the id must be on it. Then the model: the node must report the
+manifest's model id, version and digest, and for every branch it serves the artifact hash the
+manifest lists. Rejections carry a short reason for metrics (identity, roster, tls, ...).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mbt_aggregator.client import NodeCallError, NodeClient
+from mbt_aggregator.identity import ClusterTls, IdentityError, presented_node_id
 from mbt_aggregator.registry import Node
 from mbt_core.discovery import PROTOCOL_VERSION
 from mbt_core.errors import MbtError
@@ -31,10 +36,14 @@ class Expectation:
     d_model: int
     branch_hashes: dict[tuple[int, int], str]
     allowed_ids: frozenset[str] | None = None
+    roster_ids: frozenset[str] | None = None  # from a verified, operator-signed roster
 
     @classmethod
     def from_manifest(
-        cls, manifest: Manifest, allowed_ids: frozenset[str] | None = None
+        cls,
+        manifest: Manifest,
+        allowed_ids: frozenset[str] | None = None,
+        roster_ids: frozenset[str] | None = None,
     ) -> Expectation:
         hashes = {
             (e.layer, e.branch): e.sha256
@@ -48,23 +57,59 @@ class Expectation:
             manifest.config.d_model,
             hashes,
             allowed_ids,
+            roster_ids,
         )
 
 
-async def admit(address: str, expect: Expectation, timeout_s: float) -> Node:
-    """Describe the node at ``address`` and return it as a :class:`Node`, or raise Rejected."""
-    client = NodeClient(address)
+async def admit(
+    address: str,
+    expect: Expectation,
+    timeout_s: float,
+    tls: ClusterTls | None = None,
+    claimed_id: str | None = None,
+) -> Node:
+    """The node at ``address`` as a :class:`Node`, or :class:`Rejected`.
+
+    ``claimed_id`` is the id an mDNS record announced for this address (None: a static peer).
+    """
+    node_id = claimed_id
+    if tls is not None:
+        try:
+            node_id = await presented_node_id(address, tls, timeout_s)
+        except IdentityError as exc:
+            raise Rejected(address, exc.reason, exc.details) from exc
+        _check_claim(address, (node_id, "its certificate proves"), (claimed_id, "its mDNS record"))
+        _check_membership(address, node_id, expect)
+    client = NodeClient(address, tls=tls.material if tls else None, node_id=node_id)
     try:
         try:
             info = await client.describe(timeout_s)
         except NodeCallError as exc:
             raise Rejected(address, "unreachable", exc.details) from exc
+        source = "its certificate" if tls is not None else "its mDNS record"
+        _check_claim(address, (info.node_id, "Describe reports"), (node_id, source))
+        _check_membership(address, info.node_id, expect)
         _check(address, info, expect)
     except BaseException:
         await client.close()
         raise
     branches = frozenset((b.layer, b.branch) for b in info.branches)
     return Node(node_id=info.node_id, address=address, client=client, branches=branches)
+
+
+def _check_claim(address: str, actual: tuple[str, str], expected: tuple[str | None, str]) -> None:
+    """``(id, where it comes from)`` twice: the ids must agree when one was expected."""
+    (got, how), (want, source) = actual, expected
+    if want is not None and got != want:
+        shown = want[:16] or "no id"
+        raise Rejected(address, "identity", f"{how} node {got[:16]}, but {source} says {shown}")
+
+
+def _check_membership(address: str, node_id: str, expect: Expectation) -> None:
+    if expect.roster_ids is not None and node_id not in expect.roster_ids:
+        raise Rejected(address, "roster", f"node id {node_id[:16]} is not in the signed roster")
+    if expect.allowed_ids is not None and node_id not in expect.allowed_ids:
+        raise Rejected(address, "not_allowed", f"node id {node_id[:16]} is not on the allow-list")
 
 
 def _check(address: str, info: pb.DescribeResponse, expect: Expectation) -> None:
@@ -96,5 +141,3 @@ def _check(address: str, info: pb.DescribeResponse, expect: Expectation) -> None
                 f"layer {b.layer} branch {b.branch} has hash "
                 f"{b.artifact_sha256[:16]}, the manifest says {(want or '-')[:16]}",
             )
-    if expect.allowed_ids is not None and info.node_id not in expect.allowed_ids:
-        reject("not_allowed", f"node id {info.node_id[:16]} is not on the allow-list")

@@ -1,7 +1,8 @@
 """mDNS/DNS-SD browsing for ``_mbt._tcp.local.`` (python-zeroconf) on one interface.
 
-Found services become admission candidates (their TXT is only a hint); removed services are
-forgotten. Resolution runs in tasks so the zeroconf callback never blocks.
+Found services become admission candidates with the node id their TXT record claims (only a
+claim: admission makes the node prove it); removed services are forgotten. Resolution runs in
+tasks so the zeroconf callback never blocks.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 from mbt_core.discovery import SERVICE_TYPE
 
 log = logging.getLogger("mbt_aggregator")
-Found = Callable[[str, str], Awaitable[None]]
+Found = Callable[[str, str, str], Awaitable[None]]  # address, source, claimed node id
 Lost = Callable[[str, str], Awaitable[None]]
 
 
@@ -70,5 +71,6 @@ class MdnsBrowser:
         if not addresses or info.port is None:
             return
         address = f"{addresses[0]}:{info.port}"
+        claimed = (info.properties or {}).get(b"id") or b""
         self._addresses[name] = address
-        await self._on_found(address, "mdns")
+        await self._on_found(address, "mdns", claimed.decode("utf-8", "replace"))

@@ -5,13 +5,23 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from mbt_aggregator.auth import API_AUTH_MODES, ApiAuth
 from mbt_aggregator.config import AggregatorConfig, GatewayLimits
+from mbt_aggregator.defense_cli import add_defense_arguments, defense_from_args
 from mbt_aggregator.engine import BatchingConfig
 from mbt_aggregator.policy import MODES, FanoutPolicy
 from mbt_aggregator.server import run_gateway
 from mbt_core.config import AggregationConfig
-from mbt_core.service import LOG_LEVELS, add_artifact_arguments, run_service
+from mbt_core.service import (
+    LOG_LEVELS,
+    add_artifact_arguments,
+    add_tls_arguments,
+    run_service,
+    tls_config_from_args,
+    trust_config_from_args,
+)
 
 EPILOG = """\
 examples:
@@ -22,6 +32,11 @@ examples:
 Nodes are found over mDNS (_mbt._tcp.local.) and from --peers, and admitted only when Describe
 shows the manifest's model, version, digest and artifact hashes. Clients: mbt generate
 --gateway HOST:PORT, mbt eval --gateway HOST:PORT; metrics on /metrics of --metrics-port.
+
+With --tls-cert/--tls-key/--tls-ca (mbt certs issue --role aggregator) nodes are reached over
+mutual TLS and admitted only under the node id their certificate proves (an mDNS record that
+claims another id is rejected), --roster limits the ids to a signed list, and the API is TLS
+with --api-auth cert (default: a cluster client certificate), token or none.
 """
 
 
@@ -38,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_artifact_arguments(p)
+    add_tls_arguments(p)
     p.add_argument("--listen", default="127.0.0.1:7070", help="gateway gRPC address")
     p.add_argument(
         "--metrics-port",
@@ -68,6 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="admit only these node ids (repeat)",
     )
     p.add_argument(
+        "--roster",
+        type=Path,
+        default=None,
+        metavar="ROSTER.json",
+        help="signed roster (mbt roster sign): admit only its node ids; verified with the "
+        "manifest's --trusted-key/--root",
+    )
+    p.add_argument(
+        "--api-auth",
+        choices=API_AUTH_MODES,
+        default=None,
+        help="who may call the gateway: cert (a client certificate of the cluster CA; the "
+        "default with TLS), token (--api-token-file) or none (the default without TLS)",
+    )
+    p.add_argument(
+        "--api-token-file",
+        type=Path,
+        default=None,
+        help="file holding the bearer token clients must send (--api-auth token)",
+    )
+    p.add_argument(
         "--policy",
         choices=MODES,
         default=pol.mode,
@@ -90,14 +127,37 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send a slow branch to its second replica too, take the first answer",
     )
-    p.add_argument("--aggregation", choices=("mean", "trimmed", "median"), default="mean")
+    p.add_argument(
+        "--aggregation",
+        choices=("mean", "trimmed", "median"),
+        default="mean",
+        help="mean: the model's weighted sum (exactly the in-process model); trimmed, median: "
+        "coordinate-wise across branches. Branches compute different functions, so these "
+        "change the output even when every branch is healthy: a blunt last resort, not a "
+        "defense of the weighted sum (see the defenses below)",
+    )
     p.add_argument(
         "--norm-factor",
         type=float,
         default=AggregationConfig().norm_factor,
-        help="reject outputs whose norm exceeds this many times the median",
+        help="reject outputs whose norm exceeds this many times the median of the other "
+        "branches' norms; only in layers with a branch that has no calibrated bound",
     )
+    add_defense_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=lim.max_new_tokens)
+    p.add_argument("--max-prompt-tokens", type=int, default=lim.max_prompt_tokens)
+    p.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=lim.max_concurrent_rpcs,
+        help="calls served at once; beyond them RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--max-requests-per-client",
+        type=int,
+        default=lim.max_requests_per_client,
+        help="Generate/Score calls one client (certificate, token or host) may run at once",
+    )
     p.add_argument(
         "--max-batch-steps",
         type=int,
@@ -125,10 +185,10 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         min_branches=args.min_branches,
         hedge=args.hedge,
     )
+    tls = tls_config_from_args(args)
     return AggregatorConfig(
         artifacts=args.artifacts,
-        trusted_keys=tuple(args.trusted_key),
-        threshold=args.threshold,
+        trust=trust_config_from_args(args),
         state_file=args.state_file,
         listen=args.listen,
         metrics_host=args.metrics_host,
@@ -137,10 +197,19 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         mdns=args.mdns,
         interface=args.interface,
         allowed_node_ids=frozenset(args.allow_node) if args.allow_node else None,
+        roster=args.roster,
+        tls=tls,
+        api_auth=ApiAuth(args.api_auth or ("cert" if tls.enabled else "none"), args.api_token_file),
         policy=policy,
         aggregation=AggregationConfig(mode=args.aggregation, norm_factor=args.norm_factor),
-        limits=GatewayLimits(max_new_tokens=args.max_new_tokens),
+        limits=GatewayLimits(
+            max_new_tokens=args.max_new_tokens,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_concurrent_rpcs=args.max_concurrent_rpcs,
+            max_requests_per_client=args.max_requests_per_client,
+        ),
         batching=BatchingConfig(max_batch_steps=args.max_batch_steps, gather_ms=args.gather_ms),
+        defense=defense_from_args(args),
     )
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from mbt_core.certs import TlsMaterial, node_id_hostname
 from mbt_core.codec import decode, encode
 from mbt_core.discovery import CACHE_LENGTH_METADATA
 from mbt_core.errors import MbtError
@@ -71,8 +72,16 @@ class _Stream:
             async with self._write_lock:
                 await self._call.write(request)
             return await future
+        except grpc.aio.AioRpcError as exc:  # the stream broke (refused, reset) while writing
+            self.closed = True
+            raise NodeCallError(self.address, exc.code(), exc.details() or "") from exc
+        except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:  # it had already ended
+            self.closed = True
+            raise NodeCallError(self.address, grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         finally:
             self._pending.pop(request.request_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: the reader may have failed it meanwhile
 
     async def _read(self) -> None:
         error = NodeCallError(self.address, grpc.StatusCode.UNAVAILABLE, "stream ended")
@@ -97,15 +106,40 @@ class _Stream:
         await asyncio.gather(self._reader, return_exceptions=True)
 
 
+def node_channel(
+    address: str,
+    options: Sequence[tuple[str, object]],
+    tls: TlsMaterial | None = None,
+    node_id: str | None = None,
+) -> grpc.aio.Channel:
+    """Plaintext, or mutual TLS whose handshake completes only when the server holds a
+    certificate from the cluster CA for ``node_id`` (its id name is checked, not the address)."""
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=list(options))
+    if node_id is None:
+        raise ValueError(f"{address}: a TLS channel to a node needs the node id it must prove")
+    credentials = grpc.ssl_channel_credentials(tls.ca_pem, tls.key_pem, tls.cert_pem)
+    pinned = ("grpc.ssl_target_name_override", node_id_hostname(node_id))
+    return grpc.aio.secure_channel(address, credentials, options=[*options, pinned])
+
+
 class NodeClient:
-    def __init__(self, address: str, max_message_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        address: str,
+        max_message_bytes: int = 64 << 20,
+        tls: TlsMaterial | None = None,
+        node_id: str | None = None,
+    ) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(
+        self._channel = node_channel(
             address,
-            options=[
+            [
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
             ],
+            tls,
+            node_id,
         )
         self._stub = pb_grpc.BranchServiceStub(self._channel)
         self._stream: _Stream | None = None

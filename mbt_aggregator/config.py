@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mbt_aggregator.auth import ApiAuth
+from mbt_aggregator.defense import DefenseConfig
 from mbt_aggregator.engine import BatchingConfig
 from mbt_aggregator.policy import FanoutPolicy
 from mbt_core.config import AggregationConfig
+from mbt_core.service import TlsConfig, TrustConfig
 
 
 @dataclass(frozen=True)
@@ -15,17 +18,25 @@ class GatewayLimits:
     max_new_tokens: int = 512  # per Generate request
     max_prompt_tokens: int = 4096
     max_score_tokens: int = 262_144
+    max_concurrent_rpcs: int = 256  # beyond: RESOURCE_EXHAUSTED from grpc itself
+    max_requests_per_client: int = 16  # Generate/Score at once from one client
 
     def __post_init__(self) -> None:
-        if min(self.max_new_tokens, self.max_prompt_tokens, self.max_score_tokens) <= 0:
+        limits = (
+            self.max_new_tokens,
+            self.max_prompt_tokens,
+            self.max_score_tokens,
+            self.max_concurrent_rpcs,
+            self.max_requests_per_client,
+        )
+        if min(limits) <= 0:
             raise ValueError("gateway limits must be positive")
 
 
 @dataclass(frozen=True)
 class AggregatorConfig:
     artifacts: Path
-    trusted_keys: tuple[Path, ...]
-    threshold: int = 1
+    trust: TrustConfig  # who may sign the manifest and the roster: keys, or a trust root
     state_file: Path | None = None
     listen: str = "127.0.0.1:7070"
     metrics_host: str = "127.0.0.1"
@@ -34,16 +45,20 @@ class AggregatorConfig:
     mdns: bool = True
     interface: str = "127.0.0.1"
     allowed_node_ids: frozenset[str] | None = None
+    roster: Path | None = None  # signed roster (mbt roster sign): only its node ids are admitted
+    tls: TlsConfig = field(default_factory=TlsConfig)  # mTLS to nodes, TLS to clients
+    api_auth: ApiAuth = field(default_factory=ApiAuth)  # who may call the gateway API
     policy: FanoutPolicy = field(default_factory=FanoutPolicy)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
     admit_timeout_s: float = 2.0
     health_interval_s: float = 1.0
     torch_threads: int = 1
 
     def __post_init__(self) -> None:
-        if not self.trusted_keys:
-            raise ValueError("at least one --trusted-key is needed to verify the manifest")
+        if self.api_auth.mode == "cert" and not self.tls.enabled:
+            raise ValueError("--api-auth cert needs --tls-cert, --tls-key and --tls-ca")
         if not self.mdns and not self.peers:
             raise ValueError("with --no-mdns, give the nodes with --peers HOST:PORT,...")

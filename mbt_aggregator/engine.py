@@ -1,11 +1,13 @@
 """One layer step across the swarm: fan out to every branch, collect, mask, renormalize, fuse.
 
 For each branch the fastest usable replica gets the call (and, with hedging, the second one
-when the first is slow). ``collect`` applies the fan-out policy; what answered is fused with
-``mbt_core.aggregate`` over the trunk's alpha, exactly as the in-process model fuses, so a
-healthy distributed step equals the in-process one. Late calls are never cancelled (that could
-leave a hole in a node's cache); a node that missed positions says so and is replayed the
-session's stored layer inputs before it is used again.
+when the first is slow; with a replica check, two or three replicas at once). ``collect``
+applies the fan-out policy; every answer is screened per branch (``mbt_aggregator.defense``:
+bounds, replica votes); what passed is fused with ``mbt_core.aggregate`` over the trunk's
+alpha, exactly as the in-process model fuses, so a healthy distributed step equals the
+in-process one. Late calls are never cancelled (that could leave a hole in a node's cache); a
+node that missed positions says so and is replayed the session's stored layer inputs before it
+is used again.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from mbt_aggregator.client import CacheGap, NodeCallError, StepSpec
+from mbt_aggregator.defense import Defense, Screened, account
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.policy import Collected, FanoutPolicy, collect
 from mbt_aggregator.registry import Node, Registry
@@ -76,6 +79,7 @@ class _Answer:
     outputs: list[Tensor]  # per step of the batch, (T_i, C)
     node: Node
     seconds: float
+    others: tuple[_Answer, ...] = ()  # the other replicas asked with it (an audit or a vote)
 
 
 @dataclass(frozen=True)
@@ -110,17 +114,24 @@ def _per_step(mask: Tensor, rows: list[int], reduce: Callable[..., bool]) -> lis
     return out
 
 
+def _succeeded(task: asyncio.Task[_Answer]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
 class _NodeCalls:
-    """The Forwards of one layer step, shared: the branches whose first choice is the same node
-    travel in one call to it; a hedge or a failover asks another node for one branch."""
+    """The Forwards of one layer step, shared: the branches planned on the same node (its first
+    choice, or a median vote's replicas) travel in one call to it; a hedge, a failover or an
+    audit asks another node for one branch (whose cache is likely behind: its replay stays
+    apart from the other branches)."""
 
     def __init__(
-        self, engine: Engine, batch: list[_Step], layer: int, replicas: dict[int, list[Node]]
+        self, engine: Engine, batch: list[_Step], layer: int, plan: dict[int, list[Node]]
     ) -> None:
         self._engine, self._batch, self._layer = engine, batch, layer
         self._planned: dict[str, tuple[int, ...]] = {}
-        for b, nodes in replicas.items():
-            self._planned[nodes[0].node_id] = (*self._planned.get(nodes[0].node_id, ()), b)
+        for b, nodes in plan.items():
+            for node in nodes:
+                self._planned[node.node_id] = (*self._planned.get(node.node_id, ()), b)
         self._running: dict[tuple[str, tuple[int, ...]], asyncio.Task[dict[int, _Answer]]] = {}
 
     async def answer(self, node: Node, branch: int) -> _Answer:
@@ -147,6 +158,7 @@ class Engine:
         aggregation: AggregationConfig,
         metrics: Metrics,
         batching: BatchingConfig | None = None,
+        defense: Defense | None = None,
     ) -> None:
         self.trunk = trunk
         self.registry = registry
@@ -154,10 +166,19 @@ class Engine:
         self.aggregation = aggregation
         self.metrics = metrics
         self.batching = batching or BatchingConfig()
+        self.defense = defense or Defense.off()
+        metrics.quarantined_nodes.set_function(registry.quarantined_count)
         self._live: dict[str, float] = {}  # session id -> when it last reached a layer
         self._at: dict[str, int] = {}  # session id -> the layer its step waits in
         with torch.no_grad():
             self.alphas = [layer.weights().detach() for layer in trunk.layers]
+        unbounded = sum(len(a) for a in self.alphas) - len(self.defense.bounds)
+        if self.defense.config.bounds and unbounded:
+            log.warning(
+                "%d branches have no output-norm bound in the manifest (exported without "
+                "calibration?): they get the cross-branch norm check only",
+                unbounded,
+            )
         self._queues: dict[int, list[_Step]] = {}
         self._wakeups: dict[int, asyncio.Event] = {}
         self._workers: dict[int, asyncio.Task[None]] = {}
@@ -251,9 +272,17 @@ class Engine:
         alpha = self.alphas[layer]
         k = alpha.numel()
         replicas = {b: r for b in range(k) if (r := self.registry.replicas((layer, b)))}
-        calls = _NodeCalls(self, batch, layer, replicas)
+        asked = {b: self.defense.replicas_to_ask(len(nodes)) for b, nodes in replicas.items()}
+        # A vote's replicas share the step's calls; an audited second replica gets its own.
+        plan = {b: nodes[: asked[b] if asked[b] > 2 else 1] for b, nodes in replicas.items()}
+        calls = _NodeCalls(self, batch, layer, plan)
         primary, hedges, hedge_after = {}, {}, {}
         for b, nodes in replicas.items():
+            if asked[b] > 1:  # an audit (2) or a vote (3): no hedge, replicas are asked already
+                primary[b] = self._voter(nodes, asked[b], calls, b)
+                if asked[b] == 2:
+                    self.metrics.replica_audits.labels(layer=str(layer), branch=str(b)).inc()
+                continue
             # The primary fails over to the other replicas in turn when a call fails outright.
             primary[b] = self._caller(nodes, calls, b)
             if self.policy.hedge and len(nodes) > 1:
@@ -268,17 +297,20 @@ class Engine:
         rows = [step.h.shape[0] for step in batch]
         h = torch.cat([step.h for step in batch])  # (N, C)
         outputs = torch.zeros(k, *h.shape, dtype=h.dtype)
-        present = torch.zeros(k, dtype=torch.bool)
+        present = torch.zeros(k, h.shape[0], dtype=torch.bool)  # (K, N)
+        refused = torch.zeros(k, h.shape[0], dtype=torch.bool)  # present, failed the checks
         for b, answer in got.results.items():
-            outputs[b] = torch.cat(answer.outputs)
-            present[b] = True
+            screened = self._screen(layer, b, answer)
+            outputs[b] = screened.output
+            present[b] = ~screened.refused
+            refused[b] = screened.refused
         try:
             fused = aggregate(
                 outputs,
                 alpha,
                 present,
                 self.aggregation.mode,
-                norm_factor=self.aggregation.norm_factor,
+                norm_factor=self.defense.norm_factor(layer, k, self.aggregation.norm_factor),
                 trim_fraction=self.aggregation.trim_fraction,
             )
         except NoBranchAvailable as exc:
@@ -291,7 +323,7 @@ class Engine:
         patterns = list(
             zip(
                 _per_step(fused.accepted, rows, all),
-                _per_step(fused.rejected, rows, any),
+                _per_step(fused.rejected | refused, rows, any),
                 strict=True,
             )
         )
@@ -350,6 +382,44 @@ class Engine:
             )
         lost = float(1.0 - self.alphas[layer][torch.tensor(accepted)].sum())
         return LayerReport(layer, tuple(reports), elapsed, lost)
+
+    def _screen(self, layer: int, branch: int, answer: _Answer) -> Screened:
+        """The checks on one branch's answer(s); counts and blames what they caught."""
+        answers = [answer, *answer.others]
+        screened = self.defense.screen((layer, branch), [torch.cat(a.outputs) for a in answers])
+        if not screened.clean:
+            nodes = [a.node for a in answers]
+            quarantine = self.defense.config.quarantine
+            account(screened, nodes, layer, branch, self.metrics, self.registry, quarantine)
+        return screened
+
+    def _voter(
+        self, replicas: list[Node], asked: int, calls: _NodeCalls, branch: int
+    ) -> Callable[[], Awaitable[_Answer]]:
+        """Ask the first ``asked`` replicas at once (an audit, or a median vote). The answers
+        in by ``replica_wait_ms`` after the first travel together, to be screened; should
+        all of them fail, the remaining replicas are tried in turn."""
+        wait_s = self.defense.config.replica_wait_ms / 1000
+        fallback = self._caller(replicas[asked:], calls, branch) if len(replicas) > asked else None
+
+        async def call() -> _Answer:
+            loop = asyncio.get_running_loop()
+            tasks = [loop.create_task(calls.answer(n, branch)) for n in replicas[:asked]]
+            pending: set[asyncio.Task[_Answer]] = set(tasks)
+            while pending and not any(_succeeded(t) for t in tasks):
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if pending:
+                _, pending = await asyncio.wait(pending, timeout=wait_s)
+            for task in pending:  # never cancelled: the call may fill a node's cache
+                task.add_done_callback(self._late_done)
+            answers = [t.result() for t in tasks if _succeeded(t)]
+            if answers:
+                return replace(answers[0], others=tuple(answers[1:]))
+            if fallback is not None:
+                return await fallback()
+            raise next(e for t in tasks if (e := t.exception()) is not None)
+
+        return call
 
     def _caller(
         self, replicas: list[Node], calls: _NodeCalls, branch: int

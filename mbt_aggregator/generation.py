@@ -36,6 +36,7 @@ class ScoreResult:
     log_likelihood: float
     tokens: int
     masked_branch_steps: int
+    logprobs: Tensor | None = None  # (tokens, V) next-token log-probabilities, when asked for
 
     @property
     def perplexity(self) -> float:
@@ -92,10 +93,12 @@ async def generate_tokens(
         _end_later(engine, session)
 
 
-async def score(engine: Engine, ids: list[int]) -> ScoreResult:
-    """Log-likelihood of ``ids`` in non-overlapping context windows, as ``mbt eval`` scores."""
+async def score(engine: Engine, ids: list[int], return_logprobs: bool = False) -> ScoreResult:
+    """Log-likelihood of ``ids`` in non-overlapping context windows, as ``mbt eval`` scores;
+    with ``return_logprobs`` also every predicted position's distribution (outage quality)."""
     window = engine.trunk.cfg.context_length
     total, count, masked = 0.0, 0, 0
+    rows: list[Tensor] = []
     for start in range(0, max(0, len(ids) - 1), window):
         chunk = ids[start : start + window + 1]
         if len(chunk) < 2:
@@ -109,4 +112,6 @@ async def score(engine: Engine, ids: list[int]) -> ScoreResult:
         total -= F.cross_entropy(logits, target, reduction="sum").item()
         count += target.numel()
         masked += sum(b.outcome == MASKED for r in reports for b in r.branches)
-    return ScoreResult(total, count, masked)
+        if return_logprobs:
+            rows.append(F.log_softmax(logits.float(), dim=-1))  # (T, V)
+    return ScoreResult(total, count, masked, torch.cat(rows) if rows else None)

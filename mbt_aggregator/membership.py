@@ -3,6 +3,7 @@
 Candidates come from a static peer list (retried until admitted; for networks where multicast
 does not reach, and for Kubernetes) and from mDNS. A health loop describes every admitted node;
 one that fails ``max_failures`` checks in a row leaves the registry and may re-enter later.
+With TLS every candidate proves its node id first (see :mod:`mbt_aggregator.admission`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 from mbt_aggregator.admission import Expectation, Rejected, admit
 from mbt_aggregator.client import NodeCallError
+from mbt_aggregator.identity import ClusterTls
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.registry import Registry
 
@@ -29,6 +31,7 @@ class Membership:
         admit_timeout_s: float = 2.0,
         health_interval_s: float = 1.0,
         max_failures: int = 2,
+        tls: ClusterTls | None = None,
     ) -> None:
         self.registry = registry
         self.expect = expect
@@ -37,6 +40,7 @@ class Membership:
         self.admit_timeout_s = admit_timeout_s
         self.health_interval_s = health_interval_s
         self.max_failures = max_failures
+        self.tls = tls
         self._health_failures: dict[str, int] = {}
         self._pending: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -55,14 +59,15 @@ class Membership:
         for node in self.registry.nodes:
             await node.client.close()
 
-    async def offer(self, address: str, source: str) -> None:
-        """Try to admit the node at ``address`` (no-op when it is admitted or being checked)."""
+    async def offer(self, address: str, source: str, claimed_id: str | None = None) -> None:
+        """Try to admit the node at ``address`` (no-op when it is admitted or being checked);
+        ``claimed_id`` is the id its mDNS record announced (None for a static peer)."""
         if address in self._pending or self.registry.by_address(address) is not None:
             return
         self._pending.add(address)
         self.metrics.nodes_discovered.labels(source=source).inc()
         try:
-            node = await admit(address, self.expect, self.admit_timeout_s)
+            node = await admit(address, self.expect, self.admit_timeout_s, self.tls, claimed_id)
         except Rejected as exc:
             self.metrics.nodes_rejected.labels(reason=exc.reason).inc()
             log.warning("%s", exc)

@@ -72,6 +72,41 @@ class Metrics:
             ["layer"],
             registry=r,
         )
+        self.clipped_outputs = Counter(
+            "mbt_clipped_outputs_total",
+            "Branch output rows (one position of one session) scaled down to the branch's "
+            "calibrated norm bound",
+            ["layer", "branch"],
+            registry=r,
+        )
+        self.rejected_outputs = Counter(
+            "mbt_rejected_outputs_total",
+            "Branch output rows refused, by reason: non_finite (NaN/Inf), norm (beyond k x the "
+            "bound), outvoted (far from the replica median), disagreement (two replicas differ)",
+            ["layer", "branch", "reason"],
+            registry=r,
+        )
+        self.replica_audits = Counter(
+            "mbt_replica_audits_total",
+            "Layer steps also sent to a second replica of a branch, to compare the two",
+            ["layer", "branch"],
+            registry=r,
+        )
+        self.replica_disagreements = Counter(
+            "mbt_replica_disagreements_total",
+            "Comparisons in which this node and another replica differed (counted for both: "
+            "two replicas cannot tell which one is wrong)",
+            ["node"],
+            registry=r,
+        )
+        self.quarantines = Counter(
+            "mbt_node_quarantines_total",
+            "Nodes put in quarantine (no traffic) for repeatedly rejected outputs",
+            registry=r,
+        )
+        self.quarantined_nodes = Gauge(
+            "mbt_quarantined_nodes", "Admitted nodes in quarantine now", registry=r
+        )
         self.requests_failed = Counter(
             "mbt_requests_failed_total", "Client requests that failed", ["reason"], registry=r
         )

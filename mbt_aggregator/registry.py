@@ -3,10 +3,15 @@
 Replica choice prefers healthy replicas with the lowest recent latency, so on heterogeneous
 machines the fast replica carries the load. A replica that fails is benched for a back-off
 period (doubling with consecutive failures) and then tried again; a success clears it.
+
+A node whose outputs keep being rejected (bounds, replica votes: ``mbt_aggregator.defense``)
+is quarantined instead: it answers, but wrongly, so a success must not clear it. Its record is
+kept by node id, so leaving and re-entering the registry does not wash it clean.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,7 +40,8 @@ class Node:
 
     def record_failure(self, now: float, base_backoff_s: float) -> None:
         self.failures += 1
-        self.benched_until = now + base_backoff_s * 2 ** min(self.failures - 1, 6)
+        # Capped low: a node that was only paused must come back within seconds, not minutes.
+        self.benched_until = now + base_backoff_s * 2 ** min(self.failures - 1, 4)
 
     def usable(self, now: float) -> bool:
         return now >= self.benched_until
@@ -54,11 +60,45 @@ class Node:
         return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
+@dataclass(frozen=True)
+class QuarantinePolicy:
+    """When a node whose outputs keep being rejected stops getting traffic, and for how long.
+
+    One strike is one rejected answer (a layer step's output for one branch), however many rows
+    it held: a batch of bad rows is one offence. After the quarantine the node is back on
+    probation: one strike then sends it back for twice as long.
+    """
+
+    strikes: int = 3  # strikes within window_s that quarantine a node; 0: never quarantine
+    window_s: float = 60.0
+    period_s: float = 30.0  # the first quarantine
+    probation_s: float = 300.0  # after a quarantine, one strike within this sends it back
+    max_period_s: float = 3600.0  # doubling stops here
+
+    def __post_init__(self) -> None:
+        if self.strikes < 0:
+            raise ValueError(f"quarantine strikes must be >= 0, got {self.strikes}")
+        times = (self.window_s, self.period_s, self.probation_s, self.max_period_s)
+        if not all(math.isfinite(t) and t >= 0 for t in times):
+            raise ValueError("quarantine times must be finite and >= 0")
+
+
+@dataclass
+class _Conduct:
+    """One node's rejected answers and quarantines."""
+
+    strikes: deque[float] = field(default_factory=deque)  # times of recent strikes
+    until: float = 0.0  # quarantined before this
+    probation_until: float = 0.0
+    period_s: float = 0.0  # the last quarantine's length
+
+
 class Registry:
     def __init__(self, backoff_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._nodes: dict[str, Node] = {}
         self._backoff_s = backoff_s
         self._clock = clock
+        self._conduct: dict[str, _Conduct] = {}  # by node id, kept across re-admission
 
     @property
     def nodes(self) -> list[Node]:
@@ -80,14 +120,51 @@ class Registry:
         return self._nodes.pop(node_id, None)
 
     def replicas(self, key: BranchKey) -> list[Node]:
-        """Usable replicas of one branch, fastest first."""
+        """Usable replicas of one branch, fastest first (never a quarantined one)."""
         now = self._clock()
-        found = [n for n in self._nodes.values() if key in n.branches and n.usable(now)]
-        return sorted(found, key=lambda n: (n.failures, n.latency_estimate()))
+        found = [n for n in self._nodes.values() if key in n.branches and self._usable(n, now)]
+        # By latency alone: a replica whose back-off ran out competes again on its speed (a
+        # failure count in the key would keep a once-paused node last forever).
+        return sorted(found, key=lambda n: n.latency_estimate())
 
     def live_replicas(self, key: BranchKey) -> int:
         now = self._clock()
-        return sum(1 for n in self._nodes.values() if key in n.branches and n.usable(now))
+        return sum(1 for n in self._nodes.values() if key in n.branches and self._usable(n, now))
+
+    def _usable(self, node: Node, now: float) -> bool:
+        conduct = self._conduct.get(node.node_id)
+        return node.usable(now) and (conduct is None or now >= conduct.until)
+
+    def strike(self, node_id: str, policy: QuarantinePolicy) -> float | None:
+        """Count one rejected answer of ``node_id``; returns the quarantine's length in seconds
+        when this strike put the node in quarantine, else None."""
+        if policy.strikes == 0:
+            return None
+        now = self._clock()
+        conduct = self._conduct.setdefault(node_id, _Conduct())
+        if now < conduct.until:
+            return None  # a late answer from before the quarantine: already counted
+        conduct.strikes.append(now)
+        while conduct.strikes[0] < now - policy.window_s:
+            conduct.strikes.popleft()
+        on_probation = now < conduct.probation_until
+        if not on_probation and len(conduct.strikes) < policy.strikes:
+            return None
+        period = min(2 * conduct.period_s, policy.max_period_s) if on_probation else policy.period_s
+        conduct.strikes.clear()
+        conduct.period_s = period
+        conduct.until = now + period
+        conduct.probation_until = conduct.until + policy.probation_s
+        return period
+
+    def quarantined(self, node_id: str) -> bool:
+        conduct = self._conduct.get(node_id)
+        return conduct is not None and self._clock() < conduct.until
+
+    def quarantined_count(self) -> int:
+        """Admitted nodes in quarantine now (read by the metrics thread: copies, no iteration
+        over a dict the event loop may change)."""
+        return sum(self.quarantined(node_id) for node_id in list(self._nodes))
 
     def failed(self, node: Node) -> None:
         node.record_failure(self._clock(), self._backoff_s)

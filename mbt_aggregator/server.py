@@ -3,6 +3,11 @@
 Order: the manifest is verified (signatures, expiry, rollback) and the trunk loaded, or the
 process stops with a clear message; membership starts (static peers, mDNS); the gRPC gateway
 and the Prometheus endpoint start; SIGTERM or SIGINT stops in reverse order.
+
+With TLS, the gateway reaches nodes over mutual TLS with its aggregator certificate and admits
+a node only under the id its certificate proves (:mod:`mbt_aggregator.identity`); a signed
+roster (``--roster``, verified like the manifest) limits which ids. Its own API is TLS, guarded
+by ``--api-auth`` (:mod:`mbt_aggregator.auth`). Without TLS one warning line says so at start.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from mbt_aggregator.admission import Expectation
+from mbt_aggregator.auth import api_guards, server_credentials
 from mbt_aggregator.browse import MdnsBrowser
 from mbt_aggregator.config import AggregatorConfig
+from mbt_aggregator.defense import Defense
 from mbt_aggregator.engine import Engine
+from mbt_aggregator.identity import ClusterTls
 from mbt_aggregator.membership import Membership
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.registry import Registry
@@ -31,7 +39,9 @@ from mbt_core.diagnostics import weight_stats
 from mbt_core.manifest import manifest_digest
 from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
 from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
-from mbt_core.service import stop_on_signals
+from mbt_core.roster import load_roster
+from mbt_core.rpc import MalformedRequests, PerClientLimit
+from mbt_core.service import stop_on_signals, warn_plaintext
 
 log = logging.getLogger("mbt_aggregator")
 SERVICE_NAME = gw.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -42,30 +52,38 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
     stop_on_signals(stop)
     torch.set_num_threads(cfg.torch_threads)
 
-    manifest = load_verified_manifest(
-        cfg.artifacts, list(cfg.trusted_keys), cfg.threshold, cfg.state_file
-    )
+    cluster_tls = ClusterTls.load(cfg.tls) if cfg.tls.enabled else None
+    guards = api_guards(cfg.api_auth)  # reads the token file: a bad one stops the start
+    trust = cfg.trust.resolve(cfg.state_file)
+    manifest = load_verified_manifest(cfg.artifacts, trust, cfg.trust.threshold, cfg.state_file)
+    roster = None if cfg.roster is None else load_roster(cfg.roster, trust, cfg.trust.threshold)
     trunk_files = load_trunk(cfg.artifacts, manifest)
     trunk = trunk_model(manifest, trunk_files)
     digest = manifest_digest(manifest)
 
     metrics = Metrics(CollectorRegistry())
     registry = Registry()
-    engine = Engine(trunk, registry, cfg.policy, cfg.aggregation, metrics, cfg.batching)
+    defense = Defense(cfg.defense, manifest.norm_bounds())
+    engine = Engine(trunk, registry, cfg.policy, cfg.aggregation, metrics, cfg.batching, defense)
     for layer, alpha in enumerate(engine.alphas):
         for name, value in weight_stats(alpha).items():
             metrics.width.labels(layer=str(layer), name=name).set(value)
     membership = Membership(
         registry,
-        Expectation.from_manifest(manifest, cfg.allowed_node_ids),
+        Expectation.from_manifest(manifest, cfg.allowed_node_ids, roster),
         metrics,
         cfg.peers,
         cfg.admit_timeout_s,
         cfg.health_interval_s,
+        tls=cluster_tls,
     )
     browser = MdnsBrowser(cfg.interface, membership.offer, membership.forget) if cfg.mdns else None
 
-    server = grpc.aio.server()
+    per_client = PerClientLimit(cfg.limits.max_requests_per_client, f"/{SERVICE_NAME}/")
+    server = grpc.aio.server(
+        interceptors=[*guards, MalformedRequests(), per_client],
+        maximum_concurrent_rpcs=cfg.limits.max_concurrent_rpcs,
+    )
     gw_grpc.add_GatewayServiceServicer_to_server(
         GatewayServicer(engine, trunk_files.tokenizer, manifest, digest, cfg.limits), server
     )
@@ -79,7 +97,11 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
         ),
         server,
     )
-    port = server.add_insecure_port(cfg.listen)
+    if cluster_tls is not None:
+        credentials = server_credentials(cluster_tls.material, cfg.api_auth)
+        port = server.add_secure_port(cfg.listen, credentials)
+    else:
+        port = server.add_insecure_port(cfg.listen)
     if port == 0:
         raise OSError(f"cannot listen on {cfg.listen}")
     httpd = None
@@ -95,9 +117,14 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     host = cfg.listen.rsplit(":", 1)[0]
+    if cluster_tls is None:
+        warn_plaintext("mbt-aggregator")
+    transport = "mutual TLS to nodes" if cluster_tls is not None else "plaintext"
     print(
         f"mbt-aggregator ready: listening on {host}:{port}, {metrics_note}, model "
-        f"{manifest.model_id} v{manifest.model_version} ({digest[:16]})",
+        f"{manifest.model_id} v{manifest.model_version} ({digest[:16]}), {transport}, "
+        f"API auth {cfg.api_auth.mode}"
+        + ("" if roster is None else f", roster of {len(roster)} node(s)"),
         flush=True,
     )
     try:

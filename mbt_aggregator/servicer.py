@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 
@@ -10,6 +11,7 @@ import grpc
 from mbt_aggregator.config import GatewayLimits
 from mbt_aggregator.engine import MASKED, OK, REJECTED, Engine, LayerReport
 from mbt_aggregator.generation import generate_tokens, score
+from mbt_core.codec import encode
 from mbt_core.errors import QuorumNotReached
 from mbt_core.manifest import Manifest
 from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
@@ -17,10 +19,13 @@ from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 from mbt_core.sampling import SamplingConfig
 from mbt_core.tokenizer import Tokenizer
 
+MAX_LOGPROB_BYTES = 256 << 20  # Score with return_logprobs sends (tokens, vocab) float32
 _OUTCOMES = {OK: gw.OUTCOME_OK, MASKED: gw.OUTCOME_MASKED, REJECTED: gw.OUTCOME_REJECTED}
 
 
+@functools.lru_cache(maxsize=1024)
 def layer_info(report: LayerReport) -> gw.LayerInfo:
+    """The wire form of a report; the generations of one batch share theirs, so it is cached."""
     return gw.LayerInfo(
         layer=report.layer,
         latency_ms=report.latency_s * 1e3,
@@ -119,8 +124,16 @@ class GatewayServicer(gw_grpc.GatewayServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"text must encode to 2..{self.limits.max_score_tokens} tokens, got {len(ids)}",
             )
+        vocab = self.engine.trunk.cfg.vocab_size
+        if request.return_logprobs and (len(ids) - 1) * vocab * 4 > MAX_LOGPROB_BYTES:
+            self.engine.metrics.requests_failed.labels(reason="invalid").inc()
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"log-probabilities of {len(ids) - 1} positions x {vocab} tokens exceed "
+                f"{MAX_LOGPROB_BYTES >> 20} MiB: score a shorter text",
+            )
         try:
-            result = await score(self.engine, ids)
+            result = await score(self.engine, ids, request.return_logprobs)
         except QuorumNotReached as exc:
             self.engine.metrics.requests_failed.labels(reason="quorum").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
@@ -129,6 +142,7 @@ class GatewayServicer(gw_grpc.GatewayServiceServicer):
             tokens=result.tokens,
             perplexity=result.perplexity,
             masked_branch_steps=result.masked_branch_steps,
+            logprobs=encode(result.logprobs) if result.logprobs is not None else None,
         )
 
     async def Status(
@@ -140,7 +154,7 @@ class GatewayServicer(gw_grpc.GatewayServiceServicer):
                 node_id=n.node_id,
                 address=n.address,
                 branches=[f"{lay}:{b}" for lay, b in sorted(n.branches)],
-                healthy=n.failures == 0,
+                healthy=n.failures == 0 and not registry.quarantined(n.node_id),
                 latency_ms=n.latency_estimate() * 1e3,
             )
             for n in registry.nodes

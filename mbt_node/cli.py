@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from mbt_core.discovery import parse_branches
-from mbt_core.service import LOG_LEVELS, add_artifact_arguments, run_service
+from mbt_core.service import (
+    LOG_LEVELS,
+    add_artifact_arguments,
+    add_tls_arguments,
+    run_service,
+    tls_config_from_args,
+    trust_config_from_args,
+)
 from mbt_node.config import BatchingConfig, NodeConfig, NodeLimits
+from mbt_node.faults import ENABLE_ENV, CorruptionFault, parse_fault, require_enabled
 from mbt_node.server import run_node
 
 EPILOG = """\
@@ -19,6 +28,9 @@ example:
 The node verifies the manifest's signatures, expiry and version, loads only the branch files it
 serves (each checked against its SHA-256 in the manifest), then answers gRPC on --listen and
 advertises itself over mDNS as _mbt._tcp.local. on --interface. SIGTERM drains and exits 0.
+With --tls-cert/--tls-key/--tls-ca (mbt certs issue --role node) it speaks mutual TLS only,
+answers only the gateway's certificate (health checks: any cluster certificate), and its
+node id is the certificate's fingerprint.
 """
 
 
@@ -31,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_artifact_arguments(p)
+    add_tls_arguments(p)
     p.add_argument(
         "--serve",
         type=parse_branches,
@@ -58,13 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--node-key",
         type=Path,
         default=None,
-        help="private key (mbt keys generate) whose fingerprint is the node id",
+        help="private key (mbt keys generate) whose fingerprint is the node id (without TLS)",
     )
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--max-sessions", type=int, default=lim.max_sessions)
     p.add_argument("--max-cached-tokens", type=int, default=lim.max_cached_tokens)
     p.add_argument("--max-steps-per-call", type=int, default=lim.max_steps_per_call)
     p.add_argument("--max-tokens-per-call", type=int, default=lim.max_tokens_per_call)
+    p.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=lim.max_concurrent_rpcs,
+        help="calls served at once; beyond them RESOURCE_EXHAUSTED",
+    )
     p.add_argument(
         "--max-message-bytes",
         type=int,
@@ -101,30 +120,47 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="fault injection: add this latency to every Forward (a slow machine)",
     )
+    p.add_argument(
+        "--unsafe-test-fault",
+        type=_fault_spec,
+        default=None,
+        metavar="corrupt=nan|huge|flip|random[,rate=R][,seed=S]",
+        help=f"TESTS ONLY: corrupt this node's Forward outputs (a Byzantine node); refused "
+        f"unless {ENABLE_ENV}=1 is set",
+    )
     p.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
     return p
+
+
+def _fault_spec(text: str) -> CorruptionFault:
+    try:
+        return parse_fault(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
     return NodeConfig(
         artifacts=args.artifacts,
-        trusted_keys=tuple(args.trusted_key),
+        trust=trust_config_from_args(args),
         serve=args.serve,
-        threshold=args.threshold,
         listen=args.listen,
         device=args.device,
         dtype=args.dtype,
         advertise=args.advertise,
         interface=args.interface,
         node_key=args.node_key,
+        tls=tls_config_from_args(args),
         state_file=args.state_file,
         torch_threads=args.torch_threads,
         delay_ms=args.delay_ms,
+        test_fault=require_enabled(args.unsafe_test_fault, os.environ),
         limits=NodeLimits(
             max_sessions=args.max_sessions,
             max_cached_tokens=args.max_cached_tokens,
             max_steps_per_call=args.max_steps_per_call,
             max_tokens_per_call=args.max_tokens_per_call,
+            max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_message_bytes=args.max_message_bytes,
             session_ttl_s=args.session_ttl_s,
         ),

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mbt_core.service import TlsConfig, TrustConfig
+
+if TYPE_CHECKING:
+    from mbt_node.faults import CorruptionFault
 
 
 @dataclass(frozen=True)
@@ -15,6 +21,7 @@ class NodeLimits:
     max_steps_per_call: int = 256
     max_tokens_per_call: int = 4096
     max_message_bytes: int = 0  # 0: computed from the model (max_tokens_per_call x d_model)
+    max_concurrent_rpcs: int = 512  # beyond: RESOURCE_EXHAUSTED (a gateway holds one stream)
     session_ttl_s: float = 300.0  # an idle session's caches are dropped after this
 
     def __post_init__(self) -> None:
@@ -23,6 +30,7 @@ class NodeLimits:
             "max_cached_tokens",
             "max_steps_per_call",
             "max_tokens_per_call",
+            "max_concurrent_rpcs",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -56,27 +64,28 @@ class BatchingConfig:
 @dataclass(frozen=True)
 class NodeConfig:
     artifacts: Path
-    trusted_keys: tuple[Path, ...]
+    trust: TrustConfig  # who may sign the manifest: keys and threshold, or a trust root
     serve: tuple[tuple[int, int], ...]
-    threshold: int = 1
     listen: str = "127.0.0.1:0"
     device: str = "cpu"
     dtype: str = "float32"
     advertise: bool = True
     interface: str = "127.0.0.1"  # address advertised over mDNS and bound by zeroconf
     node_key: Path | None = None  # private key whose fingerprint is the node id
+    tls: TlsConfig = field(default_factory=TlsConfig)  # with it: mTLS, id = cert fingerprint
     state_file: Path | None = None  # rollback-protection state (default: per user)
     torch_threads: int = 1  # several nodes often share one machine
     drain_grace_s: float = 10.0
     delay_ms: float = 0.0  # fault injection: extra latency of every Forward (a slow machine)
+    test_fault: CorruptionFault | None = None  # tests only: corrupt outputs (mbt_node.faults)
     limits: NodeLimits = field(default_factory=NodeLimits)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
     def __post_init__(self) -> None:
         if not self.serve:
             raise ValueError("a node must serve at least one branch (--serve L:B,...)")
-        if not self.trusted_keys:
-            raise ValueError("at least one --trusted-key is needed to verify the manifest")
+        if self.tls.enabled and self.node_key is not None:
+            raise ValueError("with TLS the node id is the certificate's; drop --node-key")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.device != "cpu" and not self.device.startswith("cuda"):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from mbt_core.artifacts import load_branch, load_verified_manifest
 from mbt_core.branch import Branch
+from mbt_core.certs import certificate_file_fingerprint
 from mbt_core.discovery import NodeRecord
 from mbt_core.manifest import Manifest, manifest_digest
 from mbt_core.signing import key_id, load_private_key
@@ -53,20 +53,23 @@ class NodeRuntime:
         self.executor.shutdown(wait=True)
 
 
-def node_identity(key_path: Path | None) -> str:
-    """The fingerprint of the node's key, or a random id for a node without one."""
-    if key_path is None:
+def node_identity(cfg: NodeConfig) -> str:
+    """With TLS, the certificate's fingerprint (what the handshake proves); else the
+    fingerprint of ``--node-key``, or a random id for a node without one (claims only)."""
+    if cfg.tls.cert is not None:
+        return certificate_file_fingerprint(cfg.tls.cert)
+    if cfg.node_key is None:
         import uuid
 
         return "anon-" + uuid.uuid4().hex[:16]
-    return key_id(load_private_key(key_path).public_key())
+    return key_id(load_private_key(cfg.node_key).public_key())
 
 
 def verify_manifest(cfg: NodeConfig) -> Manifest:
-    """Signatures, expiry and rollback of the manifest; the served branches must exist."""
-    manifest = load_verified_manifest(
-        cfg.artifacts, list(cfg.trusted_keys), cfg.threshold, cfg.state_file
-    )
+    """Signatures (keys or trust root), expiry and rollback of the manifest; the served
+    branches must exist."""
+    trust = cfg.trust.resolve(cfg.state_file)
+    manifest = load_verified_manifest(cfg.artifacts, trust, cfg.trust.threshold, cfg.state_file)
     config = manifest.config
     for layer, branch in cfg.serve:
         if layer >= config.n_layers or branch >= config.branches[layer]:
@@ -80,7 +83,7 @@ def verify_manifest(cfg: NodeConfig) -> Manifest:
 def load_runtime(cfg: NodeConfig, manifest: Manifest) -> NodeRuntime:
     """Load only the served branches, each hash-checked as it is read; blocking."""
     torch.set_num_threads(cfg.torch_threads)
-    node_id = node_identity(cfg.node_key)
+    node_id = node_identity(cfg)
     branches = {}
     for key in cfg.serve:
         branch = load_branch(cfg.artifacts, manifest, *key)

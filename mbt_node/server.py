@@ -4,6 +4,10 @@ Order of events: the server starts answering at once with health NOT_SERVING; th
 verified and the served branches are loaded (a failure stops the process with a clear
 message); health turns SERVING and the node is advertised. On SIGTERM or SIGINT: health
 NOT_SERVING, mDNS unregistered, in-flight calls finished within the grace period, exit 0.
+
+With TLS the port speaks mutual TLS only (:mod:`mbt_node.tls`): callers need a certificate
+from the cluster CA, and only the gateway's (role aggregator) may call ``BranchService``;
+health checks accept any cluster certificate. Without TLS one warning line says so at start.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from grpc_reflection.v1alpha import reflection
 from mbt_core.discovery import format_branches
 from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
 from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
-from mbt_core.service import stop_on_signals
+from mbt_core.rpc import MalformedRequests
+from mbt_core.service import stop_on_signals, warn_plaintext
 from mbt_node.advertise import Advertiser
 from mbt_node.config import NodeConfig
 from mbt_node.runtime import NodeRuntime, load_runtime, verify_manifest
 from mbt_node.servicer import BranchServicer
+from mbt_node.tls import caller_guard, server_credentials
 
 log = logging.getLogger("mbt_node")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BranchService"].full_name
@@ -36,13 +42,19 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop_on_signals(stop)
 
+    material = cfg.tls.load(role="node") if cfg.tls.enabled else None
     manifest = await loop.run_in_executor(None, verify_manifest, cfg)
     max_bytes = cfg.limits.message_bytes(manifest.config.d_model, len(cfg.serve))
     server = grpc.aio.server(
+        interceptors=[
+            *([caller_guard()] if material is not None else []),  # outermost: first
+            MalformedRequests(),
+        ],
+        maximum_concurrent_rpcs=cfg.limits.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
-        ]
+        ],
     )
     servicer = BranchServicer()
     pb_grpc.add_BranchServiceServicer_to_server(servicer, server)
@@ -57,7 +69,10 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
         server,
     )
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(cfg.listen)
+    if material is not None:
+        port = server.add_secure_port(cfg.listen, server_credentials(material))
+    else:
+        port = server.add_insecure_port(cfg.listen)
     if port == 0:
         raise OSError(f"cannot listen on {cfg.listen}")
     await server.start()
@@ -75,9 +90,12 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
         host = cfg.listen.rsplit(":", 1)[0]
         served = format_branches(tuple(sorted(runtime.branches)))
         advertised = f", advertised as {advertiser.name}" if advertiser else ""
+        if material is None:
+            warn_plaintext("mbt-node")
         print(
             f"mbt-node ready: listening on {host}:{port}, serving {served}, node id "
-            f"{runtime.node_id}, manifest {runtime.manifest_sha256[:16]}{advertised}",
+            f"{runtime.node_id}, manifest {runtime.manifest_sha256[:16]}, "
+            f"{'mutual TLS' if material is not None else 'plaintext'}{advertised}",
             flush=True,
         )
         await stop.wait()

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
 
 import grpc
 import torch
 
 from mbt_core.codec import decode, encode
-from mbt_core.discovery import PROTOCOL_VERSION, format_branches
+from mbt_core.discovery import CACHE_LENGTH_METADATA, PROTOCOL_VERSION, format_branches
 from mbt_core.errors import CodecError
 from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
 from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
 from mbt_node.batcher import BranchResult
+from mbt_node.faults import corrupt
 from mbt_node.runtime import NodeRuntime
 from mbt_node.sessions import Step
 from mbt_node.status import StatusError
 
+log = logging.getLogger("mbt_node")
 MAX_SESSION_ID = 128
 _WIRE_DTYPE = {torch.float32: pb.DTYPE_FLOAT32, torch.bfloat16: pb.DTYPE_BFLOAT16}
 
@@ -26,6 +31,7 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
 
     def __init__(self) -> None:
         self.runtime: NodeRuntime | None = None
+        self.draining = asyncio.Event()  # set on SIGTERM: open streams end once idle
 
     def _ready(self) -> NodeRuntime:
         if self.runtime is None:
@@ -70,21 +76,74 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
         self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext
     ) -> pb.ForwardResponse:
         try:
-            rt = self._ready()
-            steps, inputs = _validate(rt, request)
-            if rt.cfg.delay_ms:  # fault injection: a slow machine
-                await asyncio.sleep(rt.cfg.delay_ms / 1000)
-            jobs = [rt.batchers[(request.layer, b)].submit(steps, inputs) for b in request.branches]
-            results = await asyncio.gather(*jobs, return_exceptions=True)
-            failed = next((r for r in results if isinstance(r, BaseException)), None)
-            if failed is not None:
-                raise failed
+            return await self._forward(request)
         except StatusError as err:
             await context.abort(err.code, err.details, trailing_metadata=err.metadata)
+            raise  # unreachable: abort raises
+
+    async def ForwardStream(
+        self, request_iterator: AsyncIterator[pb.ForwardRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ForwardReply]:
+        """Run each request as it arrives, reply as each finishes (matched by request id)."""
+        replies: asyncio.Queue[pb.ForwardReply | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ForwardRequest) -> None:
+            try:
+                reply = pb.ForwardReply(
+                    request_id=request.request_id, response=await self._forward(request)
+                )
+            except StatusError as err:
+                reply = pb.ForwardReply(request_id=request.request_id, error=_call_error(err))
+            except Exception as exc:  # a bug must not leave the caller waiting in silence
+                log.exception("Forward failed")
+                reply = pb.ForwardReply(
+                    request_id=request.request_id,
+                    error=pb.CallError(code=grpc.StatusCode.INTERNAL.value[0], details=str(exc)),
+                )
+            replies.put_nowait(reply)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.get_running_loop().create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+            except asyncio.CancelledError:
+                pass  # draining: take no more requests, finish those taken
+            except Exception as exc:  # the client went away: answer what was taken, then end
+                log.debug("stream reader stopped: %s", exc)
+            finally:
+                while running:  # taken requests always get their reply, even when cancelled
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait(list(running))
+                replies.put_nowait(None)
+
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(read())
+        drain = loop.create_task(self.draining.wait())
+        drain.add_done_callback(lambda _: reader.cancel())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+        finally:
+            drain.cancel()
+            reader.cancel()
+
+    async def _forward(self, request: pb.ForwardRequest) -> pb.ForwardResponse:
+        rt = self._ready()
+        steps, inputs = _validate(rt, request)
+        if rt.cfg.delay_ms:  # fault injection: a slow machine
+            await asyncio.sleep(rt.cfg.delay_ms / 1000)
+        jobs = [rt.batchers[(request.layer, b)].submit(steps, inputs) for b in request.branches]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed
         ok = [r for r in results if isinstance(r, BranchResult)]
         return pb.ForwardResponse(
             outputs=[
-                pb.BranchOutput(branch=b, outputs=encode(r.outputs))
+                pb.BranchOutput(branch=b, outputs=encode(corrupt(rt.cfg.test_fault, r.outputs)))
                 for b, r in zip(request.branches, ok, strict=True)
             ],
             compute_seconds=max(r.compute_seconds for r in ok),
@@ -98,6 +157,14 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
         except StatusError as err:
             await context.abort(err.code, err.details)
         return pb.EndSessionResponse(released_caches=rt.store.end(request.session_id))
+
+
+def _call_error(err: StatusError) -> pb.CallError:
+    error = pb.CallError(code=err.code.value[0], details=err.details)
+    for key, value in err.metadata:
+        if key == CACHE_LENGTH_METADATA:
+            error.cache_length = int(value)
+    return error
 
 
 def _invalid(details: str) -> StatusError:

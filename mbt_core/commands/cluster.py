@@ -41,6 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="SIGKILL the first node after N tokens, to watch the outage",
     )
     p.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS everywhere: a throw-away cluster CA, a certificate per process",
+    )
+    p.add_argument(
         "--show-branches",
         action="store_true",
         help="also print, per token, which branches every layer used",
@@ -60,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
     gateway_args = ("--policy", args.policy, "--deadline-ms", str(args.deadline_ms))
     print(f"starting {args.nodes} nodes and a gateway on 127.0.0.1 ...", file=sys.stderr)
     with LocalCluster(
-        args.checkpoint, Layout(args.nodes, args.replicas), gateway_args=gateway_args
+        args.checkpoint,
+        Layout(args.nodes, args.replicas),
+        gateway_args=gateway_args,
+        tls=args.tls,
     ) as cluster:
         names = {}
         for i, (node, served) in enumerate(zip(cluster.nodes, cluster.served, strict=True)):
@@ -78,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         stats: dict[tuple[int, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
         latencies = []
         sys.stdout.write(args.prompt)
-        for event in generate_remote(cluster.address, args.prompt, cfg):
+        events = generate_remote(cluster.address, args.prompt, cfg, credentials=cluster.credentials)
+        for event in events:
             sys.stdout.write(event.text)
             sys.stdout.flush()
             latencies.append(event.latency_ms)

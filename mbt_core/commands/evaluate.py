@@ -14,6 +14,7 @@ from pathlib import Path
 from mbt_core.commands.common import add_model_arguments, load_model
 from mbt_core.data import default_corpus_path, read_texts, split_texts, token_stream
 from mbt_core.evaluate import outage_table
+from mbt_core.service import add_gateway_client_arguments
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -54,17 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument(
-        "--gateway",
-        metavar="HOST:PORT",
-        default=None,
-        help="score through a running mbt-aggregator (the live distributed model)",
+    add_gateway_client_arguments(
+        p, help="score through a running mbt-aggregator (the live distributed model)"
     )
 
 
 def run_remote(args: argparse.Namespace) -> int:
     """Perplexity of the distributed model as it is now (its outages are real ones)."""
-    from mbt_aggregator.remote import score_remote
+    from mbt_aggregator.remote import Credentials, score_remote
 
     if args.artifacts or args.checkpoint:
         raise ValueError(
@@ -72,7 +70,7 @@ def run_remote(args: argparse.Namespace) -> int:
         )
     texts = evaluation_texts(args.text_file)
     text = "\n".join(texts)
-    reply = score_remote(args.gateway, text)
+    reply = score_remote(args.gateway, text, credentials=Credentials.from_args(args))
     if args.json:
         print(
             json.dumps(

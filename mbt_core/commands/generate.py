@@ -16,6 +16,7 @@ from mbt_core.commands.common import add_model_arguments, load_model
 from mbt_core.config import AggregationConfig
 from mbt_core.masks import describe, parse_drop_spec, training_masks
 from mbt_core.sampling import SamplingConfig, generate
+from mbt_core.service import add_gateway_client_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,11 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="take each branch out with probability P (at least one kept per layer)",
     )
     p.add_argument("--aggregation", choices=("mean", "trimmed", "median"), default="mean")
-    p.add_argument(
-        "--gateway",
-        metavar="HOST:PORT",
-        default=None,
-        help="generate through a running mbt-aggregator instead of in this process",
+    add_gateway_client_arguments(
+        p, help="generate through a running mbt-aggregator instead of in this process"
     )
     p.add_argument(
         "--show-branches",
@@ -73,7 +71,7 @@ def _sampling(args: argparse.Namespace) -> SamplingConfig:
 
 def run_remote(args: argparse.Namespace) -> int:
     """Generate through a gateway; the CLI is the composition root that may reach it."""
-    from mbt_aggregator.remote import describe_layers, generate_remote
+    from mbt_aggregator.remote import Credentials, describe_layers, generate_remote
 
     if args.drop or args.drop_rate or args.artifacts or args.checkpoint:
         raise ValueError(
@@ -81,7 +79,10 @@ def run_remote(args: argparse.Namespace) -> int:
             "and --artifacts do not apply"
         )
     sys.stdout.write(args.prompt)
-    for event in generate_remote(args.gateway, args.prompt, _sampling(args)):
+    credentials = Credentials.from_args(args)
+    for event in generate_remote(
+        args.gateway, args.prompt, _sampling(args), credentials=credentials
+    ):
         sys.stdout.write(event.text)
         sys.stdout.flush()
         if args.show_branches:

@@ -54,7 +54,12 @@ def _add_new_root_arguments(p: argparse.ArgumentParser, key_flag: str) -> None:
         metavar="PUBLIC.pem",
         help="public keys the root trusts",
     )
-    p.add_argument("--threshold", type=int, default=1, help="signatures a manifest needs")
+    p.add_argument(
+        "--threshold",
+        type=int,
+        default=None,
+        help="signatures a manifest needs (default: 1 for init, the current root's for rotate)",
+    )
     p.add_argument("--expires", type=int, default=365, metavar="DAYS", help="validity in days")
     p.add_argument(
         "--sign-with",
@@ -76,10 +81,11 @@ def run(args: argparse.Namespace) -> int:
     keys = [load_public_key(p) for p in args.keys]
     signers = [load_private_key(p) for p in args.sign_with]
     if args.trust_command == "init":
-        root = create_root(keys, args.threshold, signers, expires_days=args.expires)
+        root = create_root(keys, args.threshold or 1, signers, expires_days=args.expires)
     else:
         current = read_root(args.current)
-        root = rotate_root(current, keys, args.threshold, signers, expires_days=args.expires)
+        threshold = args.threshold or min(current.threshold, len(keys))  # never weaker silently
+        root = rotate_root(current, keys, threshold, signers, expires_days=args.expires)
     _write(args.out, root)
     print(f"wrote {args.out}: {root.describe()}")
     return 0

@@ -274,6 +274,24 @@ def test_sigstop_with_deadline_policy(model: SignedModel) -> None:
         _check_against_masked_reference(model, events)
 
 
+def test_killed_replica_fails_over_without_masking(cluster: Cluster) -> None:
+    """Node 2 holds 0:0 and 1:2, both also on other nodes: after SIGKILL every step still has
+    all branches (the calls fail over), so the tokens stay exactly the in-process ones."""
+    events = []
+    for event in cluster.stub.Generate(
+        gw.GenerateRequest(prompt=PROMPT, max_new_tokens=30, temperature=0), timeout=60
+    ):
+        events.append(event)
+        if event.index == 5:
+            cluster.nodes[2].kill()
+    assert [e.token_id for e in events] == _in_process(cluster.model, 30)
+    killed = node_id(cluster.nodes[2])
+    for e in events[7:]:
+        for layer in e.layers:
+            assert all(b.outcome == gw.OUTCOME_OK for b in layer.branches), e
+            assert all(b.node_id != killed for b in layer.branches)
+
+
 def test_hedging_routes_around_a_paused_replica(model: SignedModel) -> None:
     """With --hedge, a paused primary replica costs one hedge delay per step, not the request
     timeout, and nothing is masked: the tokens stay exactly the in-process ones."""

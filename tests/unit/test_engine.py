@@ -146,14 +146,20 @@ def test_replicas_prefer_healthy_and_fast_nodes() -> None:
     for _ in range(5):
         slow.record_success(0.050)
         fast.record_success(0.005)
+    for _ in range(5):
+        broken.record_success(0.020)
     registry.failed(broken)
     assert [n.node_id for n in registry.replicas((0, 0))] == ["fast", "slow"]
-    now[0] = 1.5  # the back-off passed: the broken node is tried again, after the healthy ones
-    assert [n.node_id for n in registry.replicas((0, 0))] == ["fast", "slow", "broken"]
-    registry.failed(broken)  # a second failure doubles the back-off
+    # The back-off passed: the node competes again on its speed (a paused node that came back
+    # must not stay last forever); failing again doubles its back-off.
+    now[0] = 1.5
+    assert [n.node_id for n in registry.replicas((0, 0))] == ["fast", "broken", "slow"]
+    registry.failed(broken)
     now[0] = 3.0
     assert "broken" not in [n.node_id for n in registry.replicas((0, 0))]
     assert registry.live_replicas((0, 0)) == 2
+    now[0] = 3.6
+    assert "broken" in [n.node_id for n in registry.replicas((0, 0))]
 
 
 def test_a_failing_replica_fails_over_to_the_next(tiny_model: MBTLanguageModel) -> None:

@@ -22,37 +22,38 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from mbt_core.protocol.mbt.v1 import branch_pb2 as mbt_dot_v1_dot_branch__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mbt/v1/gateway.proto\x12\x06mbt.v1\"z\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"s\n\nBranchInfo\x12\x0e\n\x06\x62ranch\x18\x01 \x01(\r\x12 \n\x07outcome\x18\x02 \x01(\x0e\x32\x0f.mbt.v1.Outcome\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0e\n\x06hedged\x18\x04 \x01(\x08\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\"i\n\tLayerInfo\x12\r\n\x05layer\x18\x01 \x01(\r\x12$\n\x08\x62ranches\x18\x02 \x03(\x0b\x32\x12.mbt.v1.BranchInfo\x12\x12\n\nlatency_ms\x18\x03 \x01(\x01\x12\x13\n\x0blost_weight\x18\x04 \x01(\x01\"u\n\rGenerateEvent\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12!\n\x06layers\x18\x04 \x03(\x0b\x32\x11.mbt.v1.LayerInfo\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\"\x1c\n\x0cScoreRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"h\n\rScoreResponse\x12\x16\n\x0elog_likelihood\x18\x01 \x01(\x01\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x12\n\nperplexity\x18\x03 \x01(\x01\x12\x1b\n\x13masked_branch_steps\x18\x04 \x01(\x04\"\x0f\n\rStatusRequest\"e\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x62ranches\x18\x03 \x03(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\"T\n\x0c\x42ranchStatus\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\x15\n\rlive_replicas\x18\x03 \x01(\r\x12\x0e\n\x06weight\x18\x04 \x01(\x01\"\xad\x01\n\x0eStatusResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x17\n\x0fmanifest_sha256\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12!\n\x05nodes\x18\x05 \x03(\x0b\x32\x12.mbt.v1.NodeStatus\x12&\n\x08\x62ranches\x18\x06 \x03(\x0b\x32\x14.mbt.v1.BranchStatus*\\\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0e\n\nOUTCOME_OK\x10\x01\x12\x12\n\x0eOUTCOME_MASKED\x10\x02\x12\x14\n\x10OUTCOME_REJECTED\x10\x03\x32\xbd\x01\n\x0eGatewayService\x12<\n\x08Generate\x12\x17.mbt.v1.GenerateRequest\x1a\x15.mbt.v1.GenerateEvent0\x01\x12\x34\n\x05Score\x12\x14.mbt.v1.ScoreRequest\x1a\x15.mbt.v1.ScoreResponse\x12\x37\n\x06Status\x12\x15.mbt.v1.StatusRequest\x1a\x16.mbt.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mbt/v1/gateway.proto\x12\x06mbt.v1\x1a\x13mbt/v1/branch.proto\"z\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"s\n\nBranchInfo\x12\x0e\n\x06\x62ranch\x18\x01 \x01(\r\x12 \n\x07outcome\x18\x02 \x01(\x0e\x32\x0f.mbt.v1.Outcome\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0e\n\x06hedged\x18\x04 \x01(\x08\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\"i\n\tLayerInfo\x12\r\n\x05layer\x18\x01 \x01(\r\x12$\n\x08\x62ranches\x18\x02 \x03(\x0b\x32\x12.mbt.v1.BranchInfo\x12\x12\n\nlatency_ms\x18\x03 \x01(\x01\x12\x13\n\x0blost_weight\x18\x04 \x01(\x01\"u\n\rGenerateEvent\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12!\n\x06layers\x18\x04 \x03(\x0b\x32\x11.mbt.v1.LayerInfo\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\"5\n\x0cScoreRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x17\n\x0freturn_logprobs\x18\x02 \x01(\x08\"\x8a\x01\n\rScoreResponse\x12\x16\n\x0elog_likelihood\x18\x01 \x01(\x01\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x12\n\nperplexity\x18\x03 \x01(\x01\x12\x1b\n\x13masked_branch_steps\x18\x04 \x01(\x04\x12 \n\x08logprobs\x18\x05 \x01(\x0b\x32\x0e.mbt.v1.Tensor\"\x0f\n\rStatusRequest\"e\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x62ranches\x18\x03 \x03(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\"T\n\x0c\x42ranchStatus\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\x15\n\rlive_replicas\x18\x03 \x01(\r\x12\x0e\n\x06weight\x18\x04 \x01(\x01\"\xad\x01\n\x0eStatusResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x17\n\x0fmanifest_sha256\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12!\n\x05nodes\x18\x05 \x03(\x0b\x32\x12.mbt.v1.NodeStatus\x12&\n\x08\x62ranches\x18\x06 \x03(\x0b\x32\x14.mbt.v1.BranchStatus*\\\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0e\n\nOUTCOME_OK\x10\x01\x12\x12\n\x0eOUTCOME_MASKED\x10\x02\x12\x14\n\x10OUTCOME_REJECTED\x10\x03\x32\xbd\x01\n\x0eGatewayService\x12<\n\x08Generate\x12\x17.mbt.v1.GenerateRequest\x1a\x15.mbt.v1.GenerateEvent0\x01\x12\x34\n\x05Score\x12\x14.mbt.v1.ScoreRequest\x1a\x15.mbt.v1.ScoreResponse\x12\x37\n\x06Status\x12\x15.mbt.v1.StatusRequest\x1a\x16.mbt.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mbt.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=1017
-  _globals['_OUTCOME']._serialized_end=1109
-  _globals['_GENERATEREQUEST']._serialized_start=32
-  _globals['_GENERATEREQUEST']._serialized_end=154
-  _globals['_BRANCHINFO']._serialized_start=156
-  _globals['_BRANCHINFO']._serialized_end=271
-  _globals['_LAYERINFO']._serialized_start=273
-  _globals['_LAYERINFO']._serialized_end=378
-  _globals['_GENERATEEVENT']._serialized_start=380
-  _globals['_GENERATEEVENT']._serialized_end=497
-  _globals['_SCOREREQUEST']._serialized_start=499
-  _globals['_SCOREREQUEST']._serialized_end=527
-  _globals['_SCORERESPONSE']._serialized_start=529
-  _globals['_SCORERESPONSE']._serialized_end=633
-  _globals['_STATUSREQUEST']._serialized_start=635
-  _globals['_STATUSREQUEST']._serialized_end=650
-  _globals['_NODESTATUS']._serialized_start=652
-  _globals['_NODESTATUS']._serialized_end=753
-  _globals['_BRANCHSTATUS']._serialized_start=755
-  _globals['_BRANCHSTATUS']._serialized_end=839
-  _globals['_STATUSRESPONSE']._serialized_start=842
-  _globals['_STATUSRESPONSE']._serialized_end=1015
-  _globals['_GATEWAYSERVICE']._serialized_start=1112
-  _globals['_GATEWAYSERVICE']._serialized_end=1301
+  _globals['_OUTCOME']._serialized_start=1098
+  _globals['_OUTCOME']._serialized_end=1190
+  _globals['_GENERATEREQUEST']._serialized_start=53
+  _globals['_GENERATEREQUEST']._serialized_end=175
+  _globals['_BRANCHINFO']._serialized_start=177
+  _globals['_BRANCHINFO']._serialized_end=292
+  _globals['_LAYERINFO']._serialized_start=294
+  _globals['_LAYERINFO']._serialized_end=399
+  _globals['_GENERATEEVENT']._serialized_start=401
+  _globals['_GENERATEEVENT']._serialized_end=518
+  _globals['_SCOREREQUEST']._serialized_start=520
+  _globals['_SCOREREQUEST']._serialized_end=573
+  _globals['_SCORERESPONSE']._serialized_start=576
+  _globals['_SCORERESPONSE']._serialized_end=714
+  _globals['_STATUSREQUEST']._serialized_start=716
+  _globals['_STATUSREQUEST']._serialized_end=731
+  _globals['_NODESTATUS']._serialized_start=733
+  _globals['_NODESTATUS']._serialized_end=834
+  _globals['_BRANCHSTATUS']._serialized_start=836
+  _globals['_BRANCHSTATUS']._serialized_end=920
+  _globals['_STATUSRESPONSE']._serialized_start=923
+  _globals['_STATUSRESPONSE']._serialized_end=1096
+  _globals['_GATEWAYSERVICE']._serialized_start=1193
+  _globals['_GATEWAYSERVICE']._serialized_end=1382
 # @@protoc_insertion_point(module_scope)

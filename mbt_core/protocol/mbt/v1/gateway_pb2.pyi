@@ -1,3 +1,4 @@
+from mbt_core.protocol.mbt.v1 import branch_pb2 as _branch_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -75,22 +76,26 @@ class GenerateEvent(_message.Message):
     def __init__(self, index: _Optional[int] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., latency_ms: _Optional[float] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("text",)
+    __slots__ = ("text", "return_logprobs")
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    RETURN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     text: str
-    def __init__(self, text: _Optional[str] = ...) -> None: ...
+    return_logprobs: bool
+    def __init__(self, text: _Optional[str] = ..., return_logprobs: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("log_likelihood", "tokens", "perplexity", "masked_branch_steps")
+    __slots__ = ("log_likelihood", "tokens", "perplexity", "masked_branch_steps", "logprobs")
     LOG_LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
     MASKED_BRANCH_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     log_likelihood: float
     tokens: int
     perplexity: float
     masked_branch_steps: int
-    def __init__(self, log_likelihood: _Optional[float] = ..., tokens: _Optional[int] = ..., perplexity: _Optional[float] = ..., masked_branch_steps: _Optional[int] = ...) -> None: ...
+    logprobs: _branch_pb2.Tensor
+    def __init__(self, log_likelihood: _Optional[float] = ..., tokens: _Optional[int] = ..., perplexity: _Optional[float] = ..., masked_branch_steps: _Optional[int] = ..., logprobs: _Optional[_Union[_branch_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
