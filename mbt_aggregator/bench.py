@@ -144,7 +144,9 @@ def run_bench(
     checkpoint: Path | None = None, iters: int = 100, tokens: int = 32, concurrency: int = 32
 ) -> dict[str, float]:
     torch.set_num_threads(1)
-    with LocalCluster(checkpoint, Layout(4, 1)) as cluster:
+    # One client runs every generation here: lift the per-client limit to the concurrency.
+    per_client = ("--max-requests-per-client", str(max(concurrency, 16)))
+    with LocalCluster(checkpoint, Layout(4, 1), gateway_args=per_client) as cluster:
         result = asyncio.run(_fanout(cluster, iters))
         cfg = SamplingConfig(max_new_tokens=tokens, temperature=0, stop_at_eos=False)
         remote = [e.latency_ms for e in generate_remote(cluster.address, "ROMEO:", cfg)]
