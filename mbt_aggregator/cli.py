@@ -17,6 +17,7 @@ from mbt_core.config import AggregationConfig
 from mbt_core.service import (
     LOG_LEVELS,
     add_artifact_arguments,
+    add_rpc_limit_argument,
     add_tls_arguments,
     run_service,
     tls_config_from_args,
@@ -146,12 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_defense_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=lim.max_new_tokens)
     p.add_argument("--max-prompt-tokens", type=int, default=lim.max_prompt_tokens)
-    p.add_argument(
-        "--max-concurrent-rpcs",
-        type=int,
-        default=lim.max_concurrent_rpcs,
-        help="calls served at once; beyond them RESOURCE_EXHAUSTED",
-    )
+    add_rpc_limit_argument(p, lim.max_concurrent_rpcs)
     p.add_argument(
         "--max-requests-per-client",
         type=int,

@@ -112,44 +112,60 @@ async def _refuse_malformed(
     yield request
 
 
-class MalformedRequests(grpc.aio.ServerInterceptor):
+class _Wrapping(grpc.aio.ServerInterceptor):
+    """An interceptor that runs the handlers of the methods it ``applies`` to inside
+    ``around`` (see :func:`wrap_handler`)."""
+
+    def applies(self, method: str) -> bool:
+        return True
+
+    def around(
+        self, request: Any, context: grpc.aio.ServicerContext, streaming: bool
+    ) -> AbstractAsyncContextManager[Any]:
+        raise NotImplementedError
+
+    def deserializer(self, handler: grpc.RpcMethodHandler) -> Callable[[bytes], Any] | None:
+        return None  # the handler's own
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None:
+        if handler is None or not self.applies(details.method):
             return handler
-        return wrap_handler(handler, _refuse_malformed, _tolerant(handler.request_deserializer))
+        return wrap_handler(handler, self.around, self.deserializer(handler))
 
 
-class Guard(grpc.aio.ServerInterceptor):
+class MalformedRequests(_Wrapping):
+    def around(
+        self, request: Any, context: grpc.aio.ServicerContext, streaming: bool
+    ) -> AbstractAsyncContextManager[Any]:
+        return _refuse_malformed(request, context, streaming)
+
+    def deserializer(self, handler: grpc.RpcMethodHandler) -> Callable[[bytes], Any] | None:
+        return _tolerant(handler.request_deserializer)
+
+
+class Guard(_Wrapping):
     """Awaits ``check(context)`` before every call but health checks."""
 
     def __init__(self, check: Check) -> None:
         self._check = check
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_PREFIX):
-            return handler
+    def applies(self, method: str) -> bool:
+        return not method.startswith(OPEN_PREFIX)
 
-        @asynccontextmanager
-        async def checked(
-            request: Any, context: grpc.aio.ServicerContext, _: bool
-        ) -> AsyncIterator[Any]:
-            await self._check(context)
-            yield request
-
-        return wrap_handler(handler, checked)
+    @asynccontextmanager
+    async def around(
+        self, request: Any, context: grpc.aio.ServicerContext, streaming: bool
+    ) -> AsyncIterator[Any]:
+        await self._check(context)
+        yield request
 
 
-class PerClientLimit(grpc.aio.ServerInterceptor):
+class PerClientLimit(_Wrapping):
     """At most ``limit`` calls at once per client, on the methods under ``prefix``.
 
     The client is who the connection proves it is: its certificate's key, else its bearer
@@ -161,19 +177,12 @@ class PerClientLimit(grpc.aio.ServerInterceptor):
         self._prefix = prefix
         self._running: dict[str, int] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(self._prefix):
-            return handler
-        return wrap_handler(handler, self._slot)
+    def applies(self, method: str) -> bool:
+        return method.startswith(self._prefix)
 
     @asynccontextmanager
-    async def _slot(
-        self, request: Any, context: grpc.aio.ServicerContext, _: bool
+    async def around(
+        self, request: Any, context: grpc.aio.ServicerContext, streaming: bool
     ) -> AsyncIterator[Any]:
         client = client_identity(context)
         if self._running.get(client, 0) >= self._limit:

@@ -6,6 +6,7 @@ logits from fused layer outputs, picks tokens exactly as the in-process model do
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ from torch import Tensor
 
 from mbt_core.config import AggregationConfig
 from mbt_core.model import MBTLanguageModel, StepInfo
+
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k <= 0:
             raise ValueError(f"top_k must be positive, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
@@ -39,7 +42,8 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflow to inf; sampling there is argmax anyway.
+        return self.temperature < MIN_TEMPERATURE
 
 
 def select_next(logits: Tensor, cfg: SamplingConfig, gen: torch.Generator | None = None) -> Tensor:

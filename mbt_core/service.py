@@ -132,6 +132,16 @@ def add_artifact_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_rpc_limit_argument(p: argparse.ArgumentParser, default: int) -> None:
+    """``--max-concurrent-rpcs`` of a server: grpc refuses calls beyond it."""
+    p.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=default,
+        help="calls served at once; beyond them RESOURCE_EXHAUSTED",
+    )
+
+
 def trust_config_from_args(args: argparse.Namespace) -> TrustConfig:
     return TrustConfig(
         keys=tuple(args.trusted_key),

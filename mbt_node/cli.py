@@ -12,6 +12,7 @@ from mbt_core.discovery import parse_branches
 from mbt_core.service import (
     LOG_LEVELS,
     add_artifact_arguments,
+    add_rpc_limit_argument,
     add_tls_arguments,
     run_service,
     tls_config_from_args,
@@ -78,12 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cached-tokens", type=int, default=lim.max_cached_tokens)
     p.add_argument("--max-steps-per-call", type=int, default=lim.max_steps_per_call)
     p.add_argument("--max-tokens-per-call", type=int, default=lim.max_tokens_per_call)
-    p.add_argument(
-        "--max-concurrent-rpcs",
-        type=int,
-        default=lim.max_concurrent_rpcs,
-        help="calls served at once; beyond them RESOURCE_EXHAUSTED",
-    )
+    add_rpc_limit_argument(p, lim.max_concurrent_rpcs)
     p.add_argument(
         "--max-message-bytes",
         type=int,

@@ -53,7 +53,9 @@ def test_mbt_cluster_generates_and_reports_every_branch() -> None:
     assert len(rows) == 16  # 4 layers x 4 branches
     killed = [r for r in rows if r[2] == "node0"]  # node0 served branch 0 of every layer
     assert len(killed) == 4
-    assert all(int(r[3]) == 4 and int(r[4]) == 4 for r in killed)  # used 4 tokens, then masked
+    # Used for 4 tokens, then masked; the gateway may already be computing token 5 when the
+    # kill lands (the client reads behind it), so that one may still have used node0.
+    assert all(int(r[3]) in (4, 5) and int(r[3]) + int(r[4]) == 8 for r in killed), killed
     assert all(int(r[3]) == 8 for r in rows if r[2] != "node0")
     assert "[killed node0 after 4 tokens]" in result.stderr
 

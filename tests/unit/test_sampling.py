@@ -74,3 +74,15 @@ def test_generation_stops_at_eos(tiny_model: MBTLanguageModel) -> None:
 def test_sampling_config_validation(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingConfig(**{field: value})
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_temperature_must_be_finite_and_non_negative(temperature: float) -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=temperature)
+
+
+def test_a_vanishing_temperature_is_greedy() -> None:
+    logits = torch.tensor([[0.5, 3.0, -1.0]])
+    cfg = SamplingConfig(temperature=1e-40)  # logits / 1e-40 would overflow to inf
+    assert cfg.greedy and select_next(logits, cfg).tolist() == [1]
