@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import lru_cache
@@ -119,10 +120,11 @@ class _Wrapping(grpc.aio.ServerInterceptor):
     def applies(self, method: str) -> bool:
         return True
 
+    @abstractmethod
     def around(
         self, request: Any, context: grpc.aio.ServicerContext, streaming: bool
     ) -> AbstractAsyncContextManager[Any]:
-        raise NotImplementedError
+        """The context the handler runs in: may abort; yields the request to use."""
 
     def deserializer(self, handler: grpc.RpcMethodHandler) -> Callable[[bytes], Any] | None:
         return None  # the handler's own

@@ -31,18 +31,23 @@ class SignedModel:
     model: MBTLanguageModel
     state_dir: Path
 
-    def node_args(self, serve: str, *extra: str) -> list[str]:
+    def artifact_args(self, state: str) -> list[str]:
         return [
             "--artifacts",
             str(self.directory),
             "--trusted-key",
             str(self.key.public_path),
-            "--serve",
-            serve,
             "--state-file",
-            str(self.state_dir / "state.json"),
-            *extra,
+            str(self.state_dir / state),
         ]
+
+    def node_args(self, serve: str, *extra: str) -> list[str]:
+        return [*self.artifact_args("state.json"), "--serve", serve, *extra]
+
+    def gateway_args(self, *extra: str, state: str = "gateway.json") -> list[str]:
+        """A gateway on a free port with metrics on another; ``extra`` adds or overrides."""
+        listen = ["--listen", "127.0.0.1:0", "--metrics-port", "0"]
+        return [*self.artifact_args(state), *listen, *extra]
 
 
 def make_signed_model(root: Path, cfg: ModelConfig, tokenizer: Tokenizer) -> SignedModel:

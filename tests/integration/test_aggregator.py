@@ -83,22 +83,7 @@ def _cluster(
     try:
         nodes = [start_node(s) for s in LAYOUT]
         gateway = start_process(
-            "mbt_aggregator.cli",
-            [
-                "--artifacts",
-                str(model.directory),
-                "--trusted-key",
-                str(model.key.public_path),
-                "--state-file",
-                str(model.state_dir / "gateway.json"),
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-port",
-                "0",
-                "--interface",
-                "127.0.0.1",
-                *gateway_args,
-            ],
+            "mbt_aggregator.cli", model.gateway_args("--interface", "127.0.0.1", *gateway_args)
         )
         started.append(gateway)
         url = re.search(r"metrics on (\S+)", gateway.ready_line).group(1).rstrip(",")

@@ -221,15 +221,7 @@ def gateway(signed_model: SignedModel, node: ManagedProcess) -> Iterator[Managed
     try:
         proc = start_process(
             "mbt_aggregator.cli",
-            [
-                "--artifacts",
-                str(signed_model.directory),
-                "--trusted-key",
-                str(signed_model.key.public_path),
-                "--state-file",
-                str(signed_model.state_dir / "fuzz-gateway.json"),
-                "--listen",
-                "127.0.0.1:0",
+            signed_model.gateway_args(
                 "--metrics-port",
                 "-1",
                 "--no-mdns",
@@ -237,7 +229,8 @@ def gateway(signed_model: SignedModel, node: ManagedProcess) -> Iterator[Managed
                 f"{node.address},{other.address}",
                 "--max-new-tokens",
                 "16",
-            ],
+                state="fuzz-gateway.json",
+            ),
         )
         yield proc
         proc.kill()

@@ -97,22 +97,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 def _gateway(model: SignedModel, *extra: str, state: str = "gateway.json") -> ManagedProcess:
     return start_process(
-        "mbt_aggregator.cli",
-        [
-            "--artifacts",
-            str(model.directory),
-            "--trusted-key",
-            str(model.key.public_path),
-            "--state-file",
-            str(model.state_dir / state),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-port",
-            "0",
-            "--interface",
-            "127.0.0.1",
-            *extra,
-        ],
+        "mbt_aggregator.cli", model.gateway_args("--interface", "127.0.0.1", *extra, state=state)
     )
 
 
