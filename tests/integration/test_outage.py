@@ -151,14 +151,24 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
+def _reaches(pid: int, stopped: bool, timeout_s: float = 5.0) -> bool:
+    """Signals are delivered asynchronously: poll until the process is (not) stopped."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (_state(pid) == "T") == stopped:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 @pytest.mark.mdns
 def test_local_cluster_controls_each_node() -> None:
     with LocalCluster(None, Layout(1, 1), node_extra=[("--delay-ms", "1")]) as cluster:
         first_id, first_address = cluster.node_ids[0], cluster.nodes[0].address
         cluster.pause_node(0)
-        assert _state(cluster.nodes[0].pid) == "T"
+        assert _reaches(cluster.nodes[0].pid, stopped=True)
         cluster.resume_node(0)
-        assert _state(cluster.nodes[0].pid) != "T" and cluster.node_running(0)
+        assert _reaches(cluster.nodes[0].pid, stopped=False) and cluster.node_running(0)
         # A fresh port: the gateway's static peer list does not know it, mDNS announces it.
         node = cluster.restart_node(0, same_port=False)
         assert node.address != first_address and cluster.node_ids[0] != first_id
