@@ -161,10 +161,11 @@ class NodeClient:
         layer: int,
         branches: Sequence[int],
         steps: Sequence[StepSpec],
-        inputs: torch.Tensor,
+        inputs: torch.Tensor | pb.Tensor,
         timeout_s: float,
     ) -> tuple[dict[int, torch.Tensor], float]:
-        """Outputs per branch (packed like ``inputs``) and the node's compute seconds."""
+        """Outputs per branch (packed like ``inputs``) and the node's compute seconds.
+        ``inputs`` may come encoded already (one encoding serves a whole fan-out)."""
         request = pb.ForwardRequest(
             layer=layer,
             branches=list(branches),
@@ -172,7 +173,7 @@ class NodeClient:
                 pb.SessionStep(session_id=s.session_id, start=s.start, length=s.length)
                 for s in steps
             ],
-            inputs=encode(inputs),
+            inputs=inputs if isinstance(inputs, pb.Tensor) else encode(inputs),
             request_id=next(self._ids),
         )
         if self._stream is None or self._stream.closed:

@@ -48,6 +48,7 @@ REPLICA_CHECKS = (OFF, AUDIT, MEDIAN)
 NON_FINITE, NORM, OUTVOTED, DISAGREEMENT = "non_finite", "norm", "outvoted", "disagreement"
 MEDIAN_REPLICAS = 3  # the fewest that outvote one bad replica; more would cost more calls
 _TINY = 1e-12  # keeps relative distances finite for all-zero rows
+_UNBOUNDED = torch.finfo(torch.float32).max  # a branch without a bound: only Inf/NaN norms fail
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class Defense:
         self.config = config or DefenseConfig()
         self.bounds = {k: b.bound for k, b in (bounds or {}).items()} if self.config.bounds else {}
         self._dice = random.Random(self.config.audit_seed)
+        self._limits: dict[int, Tensor] = {}  # per layer, (K,): each branch's bound
 
     @classmethod
     def off(cls) -> Defense:
@@ -147,6 +149,22 @@ class Defense:
         if all((layer, b) in self.bounds for b in range(branches)):
             return None
         return fallback
+
+    def passing(self, layer: int, branches: Sequence[int], outputs: Tensor) -> list[bool]:
+        """One check over a layer's single answers, ``outputs`` (K, N, C): which of
+        ``branches`` pass as they came (every row finite and within its bound), so that
+        :meth:`screen` needs to look at the others only. A row whose norm is not finite fails
+        here even for an unbounded branch; ``screen`` then tells NaN/Inf from mere size."""
+        if not branches:
+            return []
+        limits = self._limits.get(layer)
+        if limits is None or limits.shape[0] < outputs.shape[0]:
+            limits = self._limits[layer] = torch.tensor(
+                [self.bounds.get((layer, b), _UNBOUNDED) for b in range(outputs.shape[0])]
+            )
+        index = torch.tensor(branches)
+        norms = torch.linalg.vector_norm(outputs[index].float(), dim=-1)  # (B, N)
+        return (norms <= limits[index, None]).all(1).tolist()
 
     def screen(self, key: BranchKey, answers: Sequence[Tensor]) -> Screened:
         """Check one branch's answers, (N, C) each: the primary replica's first, then any

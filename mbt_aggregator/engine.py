@@ -29,9 +29,11 @@ from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.policy import Collected, FanoutPolicy, collect
 from mbt_aggregator.registry import Node, Registry
 from mbt_core.aggregate import aggregate
+from mbt_core.codec import encode
 from mbt_core.config import AggregationConfig
 from mbt_core.errors import NoBranchAvailable, QuorumNotReached
 from mbt_core.model import MBTLanguageModel
+from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
 
 log = logging.getLogger("mbt_aggregator")
 
@@ -128,6 +130,8 @@ class _NodeCalls:
         self, engine: Engine, batch: list[_Step], layer: int, plan: dict[int, list[Node]]
     ) -> None:
         self._engine, self._batch, self._layer = engine, batch, layer
+        # The layer input in wire form, encoded once for every node asked.
+        self._wire = encode(torch.cat([step.h for step in batch]))
         self._planned: dict[str, tuple[int, ...]] = {}
         for b, nodes in plan.items():
             for node in nodes:
@@ -140,7 +144,7 @@ class _NodeCalls:
         key = (node.node_id, branches)
         task = self._running.get(key)
         if task is None:
-            call = self._engine._call(node, self._batch, self._layer, branches)
+            call = self._engine._call(node, self._batch, self._layer, branches, self._wire)
             task = self._running[key] = asyncio.get_running_loop().create_task(call)
         # Shielded: a waiter that goes away must not cancel the call the others share.
         return (await asyncio.shield(task))[branch]
@@ -295,11 +299,20 @@ class Engine:
         for task in got.late_calls():
             task.add_done_callback(self._late_done)
         rows = [step.h.shape[0] for step in batch]
-        h = torch.cat([step.h for step in batch])  # (N, C)
-        outputs = torch.zeros(k, *h.shape, dtype=h.dtype)
-        present = torch.zeros(k, h.shape[0], dtype=torch.bool)  # (K, N)
-        refused = torch.zeros(k, h.shape[0], dtype=torch.bool)  # present, failed the checks
+        n = sum(rows)
+        outputs = torch.zeros(k, n, batch[0].h.shape[1], dtype=batch[0].h.dtype)
+        present = torch.zeros(k, n, dtype=torch.bool)  # (K, N)
+        refused = torch.zeros(k, n, dtype=torch.bool)  # present, failed the checks
+        single = [b for b, answer in got.results.items() if not answer.others]
+        for b in single:
+            parts = got.results[b].outputs
+            outputs[b] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        # One check for all single answers; only what fails it (or a vote) is screened alone.
+        passed = dict(zip(single, self.defense.passing(layer, single, outputs), strict=True))
         for b, answer in got.results.items():
+            if passed.get(b, False):
+                present[b] = True
+                continue
             screened = self._screen(layer, b, answer)
             outputs[b] = screened.output
             present[b] = ~screened.refused
@@ -438,12 +451,17 @@ class Engine:
         return call
 
     async def _call(
-        self, node: Node, batch: list[_Step], layer: int, branches: tuple[int, ...]
+        self,
+        node: Node,
+        batch: list[_Step],
+        layer: int,
+        branches: tuple[int, ...],
+        wire: pb.Tensor | None = None,
     ) -> dict[int, _Answer]:
         """One Forward to ``node`` for all of ``branches``, counted per branch."""
         t0 = time.perf_counter()
         try:
-            outputs = await self._forward(node, batch, layer, branches)
+            outputs = await self._forward(node, batch, layer, branches, wire)
         except NodeCallError as exc:
             self.registry.failed(node)
             outcome = "timeout" if exc.code.name == "DEADLINE_EXCEEDED" else "error"
@@ -459,18 +477,23 @@ class Engine:
         return {b: _Answer(outputs[b], node, seconds) for b in branches}
 
     async def _forward(
-        self, node: Node, batch: list[_Step], layer: int, branches: tuple[int, ...]
+        self,
+        node: Node,
+        batch: list[_Step],
+        layer: int,
+        branches: tuple[int, ...],
+        wire: pb.Tensor | None = None,
     ) -> dict[int, list[Tensor]]:
-        """One Forward for the whole batch; a node that missed positions is replayed to."""
+        """One Forward for the whole batch (``wire``: its inputs, encoded already); a node
+        that missed positions is replayed to."""
         timeout = self.policy.request_timeout_s
         rows = [step.h.shape[0] for step in batch]
         steps = [
             StepSpec(s.session.session_id, s.start, n) for s, n in zip(batch, rows, strict=True)
         ]
         try:
-            outs, _ = await node.client.forward(
-                layer, branches, steps, torch.cat([s.h for s in batch]), timeout
-            )
+            inputs = wire if wire is not None else torch.cat([s.h for s in batch])
+            outs, _ = await node.client.forward(layer, branches, steps, inputs, timeout)
             return {b: list(outs[b].split(rows)) for b in branches}
         except CacheGap as gap:
             if len(batch) > 1:  # which session has the hole: each on its own, each replayed

@@ -168,7 +168,12 @@ async def collect(
         # No internal task to clean up: if we are cancelled here, asyncio.wait drops its own
         # callbacks and the calls keep running.
         timeout = max(0.0, wake - now)
-        await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        # Each answer matters on its own only to a quorum or to a hedged branch (settled by the
+        # first of its calls, hedged at once when its primary fails); otherwise one wake-up when
+        # all are in (or at the time limit) does.
+        eager = quorum.enabled or any(branch.hedges for branch in open_)
+        when = asyncio.FIRST_COMPLETED if eager else asyncio.ALL_COMPLETED
+        await asyncio.wait(pending, timeout=timeout, return_when=when)
 
     for branch in branches.values():
         branch.close()
@@ -197,6 +202,11 @@ class _Branch(Generic[T]):
         self.by_hedge = False
         self._hedge = hedge  # None once sent, or when there is none to send
         self._hedge_at = hedge_at  # loop time of the timed hedge; inf: on failure only
+
+    @property
+    def hedges(self) -> bool:
+        """Has a hedge to send, or sent one."""
+        return self._hedge is not None or len(self.calls) > 1
 
     @property
     def next_hedge_at(self) -> float:

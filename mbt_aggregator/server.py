@@ -41,7 +41,7 @@ from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
 from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 from mbt_core.roster import load_roster
 from mbt_core.rpc import MalformedRequests, PerClientLimit
-from mbt_core.service import stop_on_signals, warn_plaintext
+from mbt_core.service import settle_heap, stop_on_signals, warn_plaintext
 
 log = logging.getLogger("mbt_aggregator")
 SERVICE_NAME = gw.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -120,6 +120,7 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
     if cluster_tls is None:
         warn_plaintext("mbt-aggregator")
     transport = "mutual TLS to nodes" if cluster_tls is not None else "plaintext"
+    settle_heap()
     print(
         f"mbt-aggregator ready: listening on {host}:{port}, {metrics_note}, model "
         f"{manifest.model_id} v{manifest.model_version} ({digest[:16]}), {transport}, "

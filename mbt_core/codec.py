@@ -27,6 +27,11 @@ _FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
 if sys.byteorder != "little":  # the wire is little-endian; no big-endian host is supported yet
     raise ImportError("mbt_core.codec needs a little-endian host")
 
+# Decoded tensors wrap the message's immutable bytes and are never written into: the warning
+# torch gives for that is noise. Filtered once here (a per-call catch_warnings costs more than
+# the decode itself on a one-token step).
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
 
 def dtype_name(code: int) -> str:
     return pb.DType.Name(code) if code in pb.DType.values() else f"unknown dtype {code}"
@@ -37,10 +42,10 @@ def encode(tensor: torch.Tensor) -> pb.Tensor:
     code = _TO_WIRE.get(tensor.dtype)
     if code is None:
         raise CodecError(f"cannot send dtype {tensor.dtype}; supported: float32, float16, bfloat16")
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return pb.Tensor(
-        dtype=code, shape=list(tensor.shape), buffer=flat.view(torch.uint8).numpy().tobytes()
-    )
+    flat = tensor.detach().to("cpu").contiguous()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret as bytes first
+        flat = flat.reshape(-1).view(torch.uint8)
+    return pb.Tensor(dtype=code, shape=list(tensor.shape), buffer=flat.numpy().tobytes())
 
 
 def decode(msg: pb.Tensor, max_elements: int | None = None) -> torch.Tensor:
@@ -56,7 +61,7 @@ def decode(msg: pb.Tensor, max_elements: int | None = None) -> torch.Tensor:
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
         raise CodecError(f"tensor of {count} elements exceeds the limit of {max_elements}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if len(msg.buffer) != count * itemsize:
         raise CodecError(
             f"tensor buffer has {len(msg.buffer)} bytes, shape {shape} of {dtype_name(msg.dtype)} "
@@ -66,6 +71,4 @@ def decode(msg: pb.Tensor, max_elements: int | None = None) -> torch.Tensor:
         raise CodecError(f"invalid tensor shape {shape}: beyond any addressable size")
     if count == 0:
         return torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():  # the bytes are immutable; callers never write into them
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(msg.buffer, dtype=dtype).view(shape)
+    return torch.frombuffer(msg.buffer, dtype=dtype).view(shape)

@@ -5,7 +5,8 @@ steps, optionally waiting ``max_wait_ms`` for more), checks and reserves every s
 and runs all of them through one ``Branch.forward_ragged``: on the node's torch thread, or, for
 a batch of few positions (decode steps), right on the event loop, where it costs less than the
 thread hop. A call whose sessions already appear in the batch waits for the next one, so a
-cache is never extended twice at once.
+cache is never extended twice at once. A small call that finds its branch idle (nothing queued,
+nothing running) runs at once, inside ``submit``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class BranchBatcher:
         self._queue: deque[_Job] = deque()
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+        self._busy = False  # the worker holds a batch (it may be computing on the thread)
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(
@@ -74,15 +76,27 @@ class BranchBatcher:
 
     async def submit(self, steps: list[Step], inputs: Tensor) -> BranchResult:
         future: asyncio.Future[BranchResult] = asyncio.get_running_loop().create_future()
+        if self._idle() and inputs.shape[0] <= self._cfg.direct_max_positions:
+            # Nothing queued or running, a small step: run it now, without waking the worker
+            # (the usual one-token decode step of a lone generation).
+            (result,) = self._execute([_Job(steps, inputs, future)])
+            if isinstance(result, BaseException):
+                raise result
+            return result
         self._queue.append(_Job(steps, inputs, future))
         self._wakeup.set()
         return await future
 
+    def _idle(self) -> bool:
+        return not (self._queue or self._busy or self._cfg.max_wait_ms)
+
     async def _run(self) -> None:
         while True:
+            self._busy = False
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            self._busy = True
             if self._cfg.max_wait_ms and len(self._queue) < self._cfg.max_batch_steps:
                 await asyncio.sleep(self._cfg.max_wait_ms / 1000)
             batch = self._take()

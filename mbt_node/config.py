@@ -53,11 +53,19 @@ class BatchingConfig:
     # Batches of at most this many positions run on the event loop thread: for them a hop to
     # the torch thread and back costs more than the compute (decode steps are 1 position).
     inline_max_positions: int = 64
+    # A call of at most this many positions that finds its branch idle runs at once, without a
+    # hop through the batch worker (a lone generation's decode step). Larger calls always queue,
+    # so that concurrent ones still merge into one batch.
+    direct_max_positions: int = 8
 
     def __post_init__(self) -> None:
-        if self.max_batch_steps <= 0 or self.max_wait_ms < 0 or self.inline_max_positions < 0:
+        if (
+            self.max_batch_steps <= 0
+            or min(self.max_wait_ms, self.inline_max_positions, self.direct_max_positions) < 0
+        ):
             raise ValueError(
-                "max_batch_steps must be positive, max_wait_ms and inline_max_positions >= 0"
+                "max_batch_steps must be positive; max_wait_ms, inline_max_positions and "
+                "direct_max_positions >= 0"
             )
 
 

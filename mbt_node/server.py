@@ -25,7 +25,7 @@ from mbt_core.discovery import format_branches
 from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
 from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
 from mbt_core.rpc import MalformedRequests
-from mbt_core.service import stop_on_signals, warn_plaintext
+from mbt_core.service import settle_heap, stop_on_signals, warn_plaintext
 from mbt_node.advertise import Advertiser
 from mbt_node.config import NodeConfig
 from mbt_node.runtime import NodeRuntime, load_runtime, verify_manifest
@@ -92,6 +92,7 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
         advertised = f", advertised as {advertiser.name}" if advertiser else ""
         if material is None:
             warn_plaintext("mbt-node")
+        settle_heap()
         print(
             f"mbt-node ready: listening on {host}:{port}, serving {served}, node id "
             f"{runtime.node_id}, manifest {runtime.manifest_sha256[:16]}, "

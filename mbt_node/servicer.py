@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 
 import grpc
@@ -83,9 +84,13 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
 
     async def ForwardStream(
         self, request_iterator: AsyncIterator[pb.ForwardRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ForwardReply]:
-        """Run each request as it arrives, reply as each finishes (matched by request id)."""
-        replies: asyncio.Queue[pb.ForwardReply | None] = asyncio.Queue()
+    ) -> None:
+        """Run each request as it arrives, reply as each finishes (matched by request id).
+
+        Each request's task writes its own reply (one write at a time), with no queue between:
+        a one-token step is taken, computed and answered without waiting on another task.
+        """
+        writing = asyncio.Lock()
         running: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ForwardRequest) -> None:
@@ -101,7 +106,11 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
                     request_id=request.request_id,
                     error=pb.CallError(code=grpc.StatusCode.INTERNAL.value[0], details=str(exc)),
                 )
-            replies.put_nowait(reply)
+            async with writing:
+                try:
+                    await context.write(reply)
+                except Exception as exc:  # the stream is gone: the caller gave up on it
+                    log.debug("reply %d not sent: %s", request.request_id, exc)
 
         async def read() -> None:
             try:
@@ -117,15 +126,13 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
                 while running:  # taken requests always get their reply, even when cancelled
                     with contextlib.suppress(asyncio.CancelledError):
                         await asyncio.wait(list(running))
-                replies.put_nowait(None)
 
         loop = asyncio.get_running_loop()
         reader = loop.create_task(read())
         drain = loop.create_task(self.draining.wait())
         drain.add_done_callback(lambda _: reader.cancel())
         try:
-            while (reply := await replies.get()) is not None:
-                yield reply
+            await reader
         finally:
             drain.cancel()
             reader.cancel()
@@ -136,7 +143,11 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
         if rt.cfg.delay_ms:  # fault injection: a slow machine
             await asyncio.sleep(rt.cfg.delay_ms / 1000)
         jobs = [rt.batchers[(request.layer, b)].submit(steps, inputs) for b in request.branches]
-        results = await asyncio.gather(*jobs, return_exceptions=True)
+        results: list[BranchResult | BaseException]
+        if len(jobs) == 1:  # the usual case: no task to gather (a failure raises as below)
+            results = [await jobs[0]]
+        else:
+            results = await asyncio.gather(*jobs, return_exceptions=True)
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is not None:
             raise failed
@@ -210,6 +221,8 @@ def _validate(rt: NodeRuntime, request: pb.ForwardRequest) -> tuple[list[Step], 
         raise _invalid(f"inputs must have shape (positions, {cfg.d_model}), got {tuple(x.shape)}")
     if x.shape[0] != total:
         raise _invalid(f"inputs hold {x.shape[0]} positions, the steps add up to {total}")
-    if not bool(torch.isfinite(x).all()):
+    # A finite sum proves every value finite (NaN and Inf propagate) in one cheap op; only a
+    # non-finite sum, NaN/Inf or a float overflow of huge values, needs the exact check.
+    if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
         raise _invalid("inputs contain NaN or Inf")
     return steps, x.to(rt.cfg.device)

@@ -312,7 +312,9 @@ def test_hedging_routes_around_a_paused_replica(model: SignedModel) -> None:
         hedge_count = sum(
             v for (name, _), v in cluster.metrics().items() if name == "mbt_hedged_calls_total"
         )
-        assert hedge_count >= len(paused)
+        # Every hedge the tokens report is counted. Not every paused step needs one: once the
+        # hedges' answers make the other replica the faster one, it becomes the primary.
+        assert hedge_count >= len(hedged)
 
 
 def _check_against_masked_reference(model: SignedModel, events: list[gw.GenerateEvent]) -> None:

@@ -160,6 +160,30 @@ def test_only_the_bad_rows_of_a_batch_are_refused(bounds) -> None:  # type: igno
     assert [(b.reason, b.rows) for b in screened.blame] == [(NON_FINITE, 1)]
 
 
+def test_the_layer_check_passes_only_clean_answers(bounds) -> None:  # type: ignore[no-untyped-def]
+    """``passing`` is the shortcut before ``screen``: it must never pass what screen would
+    change. Branch 0 is healthy, 1 has a NaN, 2 a row above its bound, 3 has no bound here
+    and an Inf (which passes only the size test); branch 4 has no bound and a huge row."""
+    layer = BAD[0]
+    partial = {k: v for k, v in bounds.items() if k[0] != layer or k[1] < 3}
+    defense = Defense(DefenseConfig(), partial)
+    x = torch.randn(5, 3, 32)
+    x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True) * 1e-3  # within every bound
+    x[1, 0, 0] = float("nan")
+    x[2, 2] *= 10 * partial[(layer, 2)].bound / 1e-3
+    x[3, 1, 5] = float("inf")
+    x[4, 0] *= 1e10
+    assert defense.passing(layer, [0, 1, 2, 3, 4], x) == [True, False, False, False, True]
+    assert defense.passing(layer, [4, 0], x) == [True, True]
+    x[4, 1] *= 1e30  # finite, but its norm overflows: left to screen, which lets it pass
+    assert defense.passing(layer, [4], x) == [False]
+    for b, ok in enumerate(defense.passing(layer, list(range(5)), x)):
+        screened = defense.screen((layer, b), [x[b]])
+        clean = screened.clean and not bool(screened.refused.any())
+        assert clean or not ok, b
+        assert clean == (b in (0, 4)), b
+
+
 def test_without_bounds_nan_is_still_refused_and_the_norm_factor_applies() -> None:
     defense = Defense(DefenseConfig(replica_check=OFF))
     x = torch.ones(2, 8)

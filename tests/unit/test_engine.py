@@ -16,8 +16,10 @@ from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.policy import FanoutPolicy
 from mbt_aggregator.registry import Node, Registry
 from mbt_core.branch import BranchCache
+from mbt_core.codec import decode
 from mbt_core.config import AggregationConfig
 from mbt_core.model import MBTLanguageModel
+from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
 from mbt_core.sampling import SamplingConfig, generate
 
 
@@ -39,6 +41,8 @@ class FakeClient:
             raise NodeCallError("fake", grpc.StatusCode.UNAVAILABLE, "down")
         self.steps_per_call.append(len(steps))
         self.branches_per_call.append(tuple(branches))
+        if isinstance(inputs, pb.Tensor):  # the engine encodes a fan-out's inputs once
+            inputs = decode(inputs)
         out = {}
         for b in branches:
             branch = self.model.layers[layer].branches[b]

@@ -154,3 +154,35 @@ def test_batcher_reports_refusals_per_call() -> None:
     ok, gap = asyncio.run(main())
     assert isinstance(gap, StatusError) and gap.code == grpc.StatusCode.FAILED_PRECONDITION
     assert not isinstance(ok, BaseException) and ok.outputs.shape == (2, CFG.d_model)
+
+
+def test_a_small_call_on_an_idle_batcher_runs_at_once() -> None:
+    """Without a worker (never started) only the direct path can answer: a small call on an
+    idle batcher is answered, a refusal raised; a larger call, or a small one behind it in the
+    queue, waits for the worker and then still merges into one batch."""
+    store, branch = _store()
+    xs = [torch.randn(n, CFG.d_model) for n in (2, 3, 1)]
+
+    async def main() -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = BranchBatcher(
+                KEY, branch, store, pool, BatchingConfig(direct_max_positions=2)
+            )
+            small = await batcher.submit([Step("a", 0, 2)], xs[0])
+            with pytest.raises(StatusError) as gap:
+                await batcher.submit([Step("gap", 5, 1)], xs[2])
+            assert gap.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            big = asyncio.ensure_future(batcher.submit([Step("b", 0, 3)], xs[1]))
+            behind = asyncio.ensure_future(batcher.submit([Step("c", 0, 1)], xs[2]))
+            await asyncio.sleep(0.05)
+            assert not big.done() and not behind.done()
+            batcher.start()
+            results = await asyncio.gather(big, behind)
+            await batcher.stop()
+        return small.outputs, [r.outputs for r in results], [r.batch_steps for r in results]
+
+    small, queued, steps = asyncio.run(main())
+    assert steps == [2, 2]  # the two queued calls ran as one batch
+    with torch.no_grad():
+        for x, out in zip(xs, [small, *queued], strict=True):
+            assert (branch(x[None])[0] - out).abs().max().item() < 1e-6
