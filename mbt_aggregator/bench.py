@@ -27,6 +27,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from mbt_aggregator.client import NodeClient
+from mbt_aggregator.defense import Defense, DefenseConfig
 from mbt_aggregator.engine import Engine, Session
 from mbt_aggregator.local_cluster import Layout, LocalCluster
 from mbt_aggregator.metrics import Metrics
@@ -34,12 +35,17 @@ from mbt_aggregator.policy import FanoutPolicy
 from mbt_aggregator.registry import Node, Registry
 from mbt_aggregator.remote import generate_remote
 from mbt_core.checkpoint import load_checkpoint
+from mbt_core.codec import encode
 from mbt_core.config import AggregationConfig
+from mbt_core.manifest import read_manifest
+from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
 from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 from mbt_core.sampling import SamplingConfig, generate
 
 ECHO_METHOD = "/mbt.bench.Echo/Echo"
 PREFIX = 32  # positions cached before the timed layer steps
+_ROUND = 10  # timings of one kind in a row before the next kind's turn
+_THROUGHPUT_RUNS = 3  # alternating runs of 1 and of N generations
 
 
 def _start_echo() -> tuple[subprocess.Popen[str], str]:
@@ -54,65 +60,69 @@ def _start_echo() -> tuple[subprocess.Popen[str], str]:
 
 
 async def _fanout(cluster: LocalCluster, iters: int) -> dict[str, float]:
+    """The three timings interleave in short rounds, so that the machine's drift (it is shared)
+    weighs on each alike."""
     ckpt = load_checkpoint(cluster.checkpoint)
     model = ckpt.model
     registry = Registry()
     for i, (proc, served) in enumerate(zip(cluster.nodes, cluster.served, strict=True)):
         registry.add(Node(f"n{i}", proc.address, NodeClient(proc.address), frozenset(served)))
-    engine = Engine(
-        model, registry, FanoutPolicy(), AggregationConfig(), Metrics(CollectorRegistry())
-    )
+    # Checked as a gateway checks by default: the manifest's bounds, replica audits.
+    defense = Defense(DefenseConfig(), read_manifest(cluster.served_artifacts).norm_bounds())
+    metrics = Metrics(CollectorRegistry())
+    engine = Engine(model, registry, FanoutPolicy(), AggregationConfig(), metrics, None, defense)
     d = model.cfg.d_model
     session = Session()
     with torch.no_grad():
         await engine.run_layer(session, 0, 0, torch.randn(PREFIX, d))
     x = torch.randn(1, d)
-    step = []
-    for _ in range(iters + 5):
-        t0 = time.perf_counter()
-        await engine.run_layer(session, 0, PREFIX, x)  # rolls back to PREFIX each time
-        step.append(time.perf_counter() - t0)
-    await engine.end_session(session)
-    echoes = [_start_echo() for _ in cluster.nodes]
-    try:
-        channels = [grpc.aio.insecure_channel(addr) for _, addr in echoes]
-        calls = [c.unary_unary(ECHO_METHOD) for c in channels]
-        from mbt_core.codec import encode
-        from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
+    payload = pb.ForwardRequest(
+        layer=0,
+        branches=[0],
+        inputs=encode(x),
+        steps=[pb.SessionStep(session_id="s" * 32, start=PREFIX, length=1)],
+    ).SerializeToString()
+    branch = model.layers[0].branches[0]
+    cache = branch.new_cache()
+    with torch.inference_mode():
+        branch.forward_ragged(torch.randn(PREFIX, d), [cache], [PREFIX])
 
-        payload = pb.ForwardRequest(
-            layer=0,
-            branches=[0],
-            inputs=encode(x),
-            steps=[pb.SessionStep(session_id="s" * 32, start=PREFIX, length=1)],
-        ).SerializeToString()
-        echo = []
-        for _ in range(iters + 5):
-            t0 = time.perf_counter()
+    async def layer_step() -> None:
+        await engine.run_layer(session, 0, PREFIX, x)  # rolls back to PREFIX each time
+
+    async def compute() -> None:
+        with torch.inference_mode():
+            cache.truncate(PREFIX)
+            branch.forward_ragged(x, [cache], [1])
+
+    echoes = [_start_echo() for _ in cluster.nodes]
+    channels = [grpc.aio.insecure_channel(addr) for _, addr in echoes]
+    try:
+        calls = [c.unary_unary(ECHO_METHOD) for c in channels]
+
+        async def echo() -> None:
             await asyncio.gather(*(call(payload, timeout=10) for call in calls))
-            echo.append(time.perf_counter() - t0)
+
+        timed = {"layer": layer_step, "echo": echo, "compute": compute}
+        times: dict[str, list[float]] = {name: [] for name in timed}
+        rounds = max(1, iters // _ROUND)
+        for r in range(rounds + 1):  # the first round warms up and is not counted
+            for name, step in timed.items():
+                for _ in range(_ROUND):
+                    t0 = time.perf_counter()
+                    await step()
+                    if r:
+                        times[name].append(time.perf_counter() - t0)
+    finally:
         for c in channels:
             await c.close()
-    finally:
         for proc, _ in echoes:
             proc.kill()
             proc.wait()
-    branch = model.layers[0].branches[0]
-    cache = branch.new_cache()
-    compute = []
-    with torch.inference_mode():
-        branch.forward_ragged(torch.randn(PREFIX, d), [cache], [PREFIX])
-        for _ in range(iters + 5):
-            t0 = time.perf_counter()
-            cache.truncate(PREFIX)
-            branch.forward_ragged(x, [cache], [1])
-            compute.append(time.perf_counter() - t0)
-    for node in registry.nodes:
-        await node.client.close()
-    med = {
-        k: statistics.median(v[5:])
-        for k, v in {"layer": step, "echo": echo, "compute": compute}.items()
-    }
+        await engine.end_session(session)
+        for node in registry.nodes:
+            await node.client.close()
+    med = {name: statistics.median(v) for name, v in times.items()}
     return {
         "layer_step_ms": med["layer"] * 1e3,
         "echo_fanout_ms": med["echo"] * 1e3,
@@ -141,7 +151,7 @@ def _tokens_per_s(address: str, n: int, tokens: int) -> float:
 
 
 def run_bench(
-    checkpoint: Path | None = None, iters: int = 100, tokens: int = 32, concurrency: int = 32
+    checkpoint: Path | None = None, iters: int = 200, tokens: int = 32, concurrency: int = 32
 ) -> dict[str, float]:
     torch.set_num_threads(1)
     # One client runs every generation here: lift the per-client limit to the concurrency.
@@ -156,8 +166,12 @@ def run_bench(
         for _ in generate(ckpt.model, ids, cfg):
             local.append((time.perf_counter() - t0) * 1e3)
             t0 = time.perf_counter()
-        single = _tokens_per_s(cluster.address, 1, tokens)
-        many = _tokens_per_s(cluster.address, concurrency, tokens)
+        # Alternating runs, medians of each: the machine's drift weighs on both alike.
+        runs: dict[int, list[float]] = {1: [], concurrency: []}
+        for _ in range(_THROUGHPUT_RUNS):
+            for n in runs:
+                runs[n].append(_tokens_per_s(cluster.address, n, tokens))
+        single, many = statistics.median(runs[1]), statistics.median(runs[concurrency])
     result.update(
         {
             "token_ms_distributed": statistics.median(remote[1:]),
@@ -179,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", type=Path, default=None, help="model (default: shipped)")
-    p.add_argument("--iters", type=int, default=100, help="timed layer steps (medians)")
+    p.add_argument(
+        "--iters", type=int, default=200, help="timed layer steps, echoes and computes (medians)"
+    )
     p.add_argument("--tokens", type=int, default=32, help="tokens per generation")
     p.add_argument("--concurrency", type=int, default=32, help="concurrent generations")
     p.add_argument("--json", action="store_true")

@@ -8,10 +8,12 @@ exactly the in-process model's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from mbt_aggregator.engine import MASKED, Engine, LayerReport, Session
 from mbt_core.sampling import SamplingConfig, fit_window, select_next
 
 _background: set[asyncio.Task[None]] = set()
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,37 @@ async def forward_layers(
         reports.append(report)
     with torch.no_grad():
         return engine.trunk.logits(h[None])[0], reports  # (T, V)
+
+
+async def read_ahead(source: AsyncIterator[T], depth: int) -> AsyncIterator[T]:
+    """``source``'s items, produced by a task of their own up to ``depth`` ahead of the
+    consumer: a generation goes on with its next token while the last one is being sent (a
+    stream write waits for its completion). The source's exception is raised here in order;
+    when the consumer stops early, the source is cancelled (its ``finally`` runs)."""
+    queue: asyncio.Queue[tuple[T | None, BaseException | None, bool]] = asyncio.Queue(depth)
+
+    async def pump() -> None:
+        try:
+            async for item in source:
+                await queue.put((item, None, False))
+        except Exception as exc:
+            await queue.put((None, exc, True))
+        else:
+            await queue.put((None, None, True))
+
+    task = asyncio.get_running_loop().create_task(pump())
+    try:
+        while True:
+            item, error, last = await queue.get()
+            if error is not None:
+                raise error
+            if last:
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _end_later(engine: Engine, session: Session) -> None:

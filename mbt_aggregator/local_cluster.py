@@ -25,6 +25,7 @@ from pathlib import Path
 from mbt_aggregator.remote import Credentials
 from mbt_core.certs import init_ca, issue_cert
 from mbt_core.checkpoint import load_checkpoint
+from mbt_core.commands.export import calibrated_bounds
 from mbt_core.export import export_artifacts
 from mbt_core.manifest import read_manifest
 from mbt_core.process import ManagedProcess, start_process
@@ -91,6 +92,8 @@ class LocalCluster:
     # Mutual TLS everywhere: a throw-away CA in the temp folder, a certificate per node (kept
     # across restarts: same node id), the gateway's, and a client's for ``credentials``.
     tls: bool = False
+    # Sign calibrated output-norm bounds into the export (as `mbt export` does by default).
+    calibrate: bool = True
     _tmp: tempfile.TemporaryDirectory[str] | None = None
     _common: list[str] = field(default_factory=list)
     _env: dict[str, str] = field(default_factory=dict)
@@ -122,7 +125,9 @@ class LocalCluster:
             ckpt = load_checkpoint(self.checkpoint)
             key = generate_key(root / "keys", "cluster")  # a throw-away key, deleted on close
             artifacts = root / "artifacts"
-            manifest = export_artifacts(ckpt, artifacts)
+            # Calibrated like `mbt export` by default: the gateway checks every branch's bound.
+            bounds = calibrated_bounds(ckpt)[0] if self.calibrate else None
+            manifest = export_artifacts(ckpt, artifacts, norm_bounds=bounds)
             sign_manifest(artifacts, manifest, load_private_key(key.private_path))
             branches, keys = ckpt.model.cfg.branches, [key.public_path]
         self._common = ["--artifacts", str(artifacts)]
@@ -201,6 +206,13 @@ class LocalCluster:
         )
         found = re.search(r"metrics on (\S+?),", self.gateway.ready_line)
         self.metrics_url = found.group(1) if found else ""
+
+    @property
+    def served_artifacts(self) -> Path:
+        """The signed export the nodes and the gateway serve."""
+        if not self._common:
+            raise RuntimeError("the cluster is not running")
+        return Path(self._common[1])
 
     @property
     def address(self) -> str:

@@ -10,7 +10,7 @@ import grpc
 
 from mbt_aggregator.config import GatewayLimits
 from mbt_aggregator.engine import MASKED, OK, REJECTED, Engine, LayerReport
-from mbt_aggregator.generation import generate_tokens, score
+from mbt_aggregator.generation import generate_tokens, read_ahead, score
 from mbt_core.codec import encode
 from mbt_core.errors import QuorumNotReached
 from mbt_core.manifest import Manifest
@@ -20,6 +20,7 @@ from mbt_core.sampling import SamplingConfig
 from mbt_core.tokenizer import Tokenizer
 
 MAX_LOGPROB_BYTES = 256 << 20  # Score with return_logprobs sends (tokens, vocab) float32
+EVENTS_AHEAD = 4  # tokens a generation may run ahead of its client's stream
 _OUTCOMES = {OK: gw.OUTCOME_OK, MASKED: gw.OUTCOME_MASKED, REJECTED: gw.OUTCOME_REJECTED}
 
 
@@ -90,9 +91,10 @@ class GatewayServicer(gw_grpc.GatewayServiceServicer):
             metrics.requests_failed.labels(reason="invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         t0 = time.perf_counter()
-        produced: list[int] = []
-        shown = ""
-        try:
+
+        async def events() -> AsyncIterator[gw.GenerateEvent]:
+            produced: list[int] = []
+            shown = ""
             async for event in generate_tokens(self.engine, prompt, cfg):
                 if event.index == 0:
                     metrics.ttft.observe(time.perf_counter() - t0)
@@ -110,6 +112,11 @@ class GatewayServicer(gw_grpc.GatewayServiceServicer):
                     layers=[layer_info(r) for r in event.layers],
                     latency_ms=event.seconds * 1e3,
                 )
+
+        try:
+            # The next token is computed while this one is on its way to the client.
+            async for reply in read_ahead(events(), EVENTS_AHEAD):
+                yield reply
         except QuorumNotReached as exc:
             metrics.requests_failed.labels(reason="quorum").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

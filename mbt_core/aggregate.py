@@ -76,20 +76,19 @@ def aggregate(
     valid = present & torch.isfinite(z).all(-1)
     if norm_factor is not None:
         norms = torch.linalg.vector_norm(z.float(), dim=-1)  # (K, N)
-        bound = norm_factor * _lower_median(norms, valid)  # (N,)
-        valid = valid & (norms <= bound)
-    if not bool(valid.any(0).all()):
-        raise NoBranchAvailable(
-            f"no branch left to aggregate: {int(present.sum(0).min())} present, "
-            "all masked or rejected (non-finite or norm beyond bound)"
-        )
-
+        valid &= norms <= norm_factor * _lower_median(norms, valid)
     w = weights.to(z.dtype)[:, None] * valid  # (K, N)
     total = w.sum(0, keepdim=True)
-    if bool((total <= 0).any()):
+    if not bool((total > 0).all()):  # one check on the healthy path; the reason only if not
+        if not bool(valid.any(0).all()):
+            raise NoBranchAvailable(
+                f"no branch left to aggregate: {int(present.sum(0).min())} present, "
+                "all masked or rejected (non-finite or norm beyond bound)"
+            )
         raise NoBranchAvailable("the branches left to aggregate all carry zero weight")
     w = w / total
-    zc = torch.where(valid[..., None], z, torch.zeros((), dtype=z.dtype, device=z.device))
+    # Masked outputs may hold anything (NaN): zero them unless every output is used.
+    zc = z if bool(valid.all()) else z.masked_fill(~valid[..., None], 0.0)
 
     if mode == "mean":
         fused = torch.einsum("kn,knc->nc", w, zc)
@@ -121,9 +120,8 @@ def _row_mask(
 
 def _lower_median(values: Tensor, valid: Tensor) -> Tensor:
     """Lower median over K of ``values`` (K, N), counting only ``valid`` entries."""
-    filled = torch.where(valid, values, torch.full_like(values, float("inf")))
-    ordered = filled.sort(0).values
-    index = ((valid.sum(0) - 1).clamp(min=0) // 2)[None]  # (1, N)
+    ordered = values.masked_fill(~valid, float("inf")).sort(0).values
+    index = (valid.sum(0, keepdim=True) - 1).clamp_(min=0) // 2  # (1, N)
     return ordered.gather(0, index)[0]
 
 

@@ -16,10 +16,10 @@ from mbt_core.calibration import (
     branch_norm_bounds,
     calibration_tokens,
 )
-from mbt_core.checkpoint import load_checkpoint
+from mbt_core.checkpoint import Checkpoint, load_checkpoint
 from mbt_core.commands.evaluate import evaluation_texts
 from mbt_core.export import DEFAULT_MODEL_ID, export_artifacts
-from mbt_core.manifest import format_time, manifest_digest
+from mbt_core.manifest import NormBound, format_time, manifest_digest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,13 +63,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def calibrated_bounds(
+    ckpt: Checkpoint,
+    text: Path | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    margin: float = DEFAULT_MARGIN,
+) -> tuple[dict[tuple[int, int], NormBound], int]:
+    """Every branch's output-norm bound from ``text`` (default: the shipped validation works),
+    and the number of tokens they were calibrated on."""
+    ids = calibration_tokens(ckpt.tokenizer, evaluation_texts(text), tokens)
+    return branch_norm_bounds(ckpt.model, ids, margin=margin), ids.numel()
+
+
 def run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint)
-    bounds = None
+    bounds, calibrated = None, 0
     if not args.no_calibration:
-        texts = evaluation_texts(args.calibration)
-        ids = calibration_tokens(ckpt.tokenizer, texts, args.calibration_tokens)
-        bounds = branch_norm_bounds(ckpt.model, ids, margin=args.norm_margin)
+        bounds, calibrated = calibrated_bounds(
+            ckpt, args.calibration, args.calibration_tokens, args.norm_margin
+        )
     manifest = export_artifacts(
         ckpt,
         args.out_dir,
@@ -85,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if bounds is not None:
         print(
-            f"output-norm bounds calibrated on {ids.numel()} tokens: "
+            f"output-norm bounds calibrated on {calibrated} tokens: "
             + " ".join(f"{li}:{b}={nb.bound:.1f}" for (li, b), nb in sorted(bounds.items()))
         )
     print(f"manifest digest: {manifest_digest(manifest)}")
