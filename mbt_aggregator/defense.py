@@ -162,6 +162,9 @@ class Defense:
             limits = self._limits[layer] = torch.tensor(
                 [self.bounds.get((layer, b), _UNBOUNDED) for b in range(outputs.shape[0])]
             )
+        if list(branches) == list(range(outputs.shape[0])):  # all, in order: nothing to pick
+            norms = torch.linalg.vector_norm(outputs.float(), dim=-1)  # (K, N)
+            return (norms <= limits[:, None]).all(1).tolist()
         index = torch.tensor(branches)
         norms = torch.linalg.vector_norm(outputs[index].float(), dim=-1)  # (B, N)
         return (norms <= limits[index, None]).all(1).tolist()

@@ -131,23 +131,36 @@ class _NodeCalls:
     ) -> None:
         self._engine, self._batch, self._layer = engine, batch, layer
         # The layer input in wire form, encoded once for every node asked.
-        self._wire = encode(torch.cat([step.h for step in batch]))
+        self._wire = encode(batch[0].h if len(batch) == 1 else torch.cat([s.h for s in batch]))
         self._planned: dict[str, tuple[int, ...]] = {}
         for b, nodes in plan.items():
             for node in nodes:
                 self._planned[node.node_id] = (*self._planned.get(node.node_id, ()), b)
-        self._running: dict[tuple[str, tuple[int, ...]], asyncio.Task[dict[int, _Answer]]] = {}
+        self._running: dict[tuple[str, tuple[int, ...]], asyncio.Future[dict[int, _Answer]]] = {}
 
     async def answer(self, node: Node, branch: int) -> _Answer:
         planned = self._planned.get(node.node_id, ())
         branches = planned if branch in planned else (branch,)
         key = (node.node_id, branches)
-        task = self._running.get(key)
-        if task is None:
-            call = self._engine._call(node, self._batch, self._layer, branches, self._wire)
-            task = self._running[key] = asyncio.get_running_loop().create_task(call)
-        # Shielded: a waiter that goes away must not cancel the call the others share.
-        return (await asyncio.shield(task))[branch]
+        shared = self._running.get(key)
+        if shared is not None:
+            # Shielded: a waiter that goes away must not cancel the call the others share.
+            return (await asyncio.shield(shared))[branch]
+        # The first asker makes the call itself (no task of its own: fan-out calls are never
+        # cancelled); later askers of the same node and branches wait for its outcome.
+        outcome: asyncio.Future[dict[int, _Answer]] = asyncio.get_running_loop().create_future()
+        self._running[key] = outcome
+        try:
+            answers = await self._engine._call(node, self._batch, self._layer, branches, self._wire)
+        except asyncio.CancelledError:
+            outcome.cancel()
+            raise
+        except Exception as exc:
+            outcome.set_exception(exc)
+            outcome.exception()  # retrieved: nobody else may be waiting
+            raise
+        outcome.set_result(answers)
+        return answers[branch]
 
 
 class Engine:
@@ -176,6 +189,7 @@ class Engine:
         self._at: dict[str, int] = {}  # session id -> the layer its step waits in
         with torch.no_grad():
             self.alphas = [layer.weights().detach() for layer in trunk.layers]
+        self._weights = [dict(enumerate(alpha.tolist())) for alpha in self.alphas]
         unbounded = sum(len(a) for a in self.alphas) - len(self.defense.bounds)
         if self.defense.config.bounds and unbounded:
             log.warning(
@@ -272,7 +286,6 @@ class Engine:
         self, layer: int, batch: list[_Step]
     ) -> list[tuple[Tensor, LayerReport] | BaseException]:
         t0 = time.perf_counter()
-        self.metrics.batch_steps.labels(layer=str(layer)).observe(len(batch))
         alpha = self.alphas[layer]
         k = alpha.numel()
         replicas = {b: r for b in range(k) if (r := self.registry.replicas((layer, b)))}
@@ -292,7 +305,7 @@ class Engine:
             if self.policy.hedge and len(nodes) > 1:
                 hedges[b] = self._caller(nodes[1:2], calls, b)
                 hedge_after[b] = nodes[0].p95(default_s=self.policy.request_timeout_s / 4)
-        weights = {b: float(alpha[b]) for b in range(k)}
+        weights = self._weights[layer]
         got: Collected[int, _Answer] = await collect(
             primary, self.policy, weights=weights, hedges=hedges, hedge_after_s=hedge_after
         )
@@ -344,7 +357,7 @@ class Engine:
         for pattern, count in Counter(patterns).items():
             made[pattern] = self._layer_report(layer, got, pattern, elapsed, count)
         lost = [r.lost_weight for r in made.values() if isinstance(r, LayerReport)]
-        self.metrics.layer_step(layer, elapsed, max(lost, default=1.0))
+        self.metrics.layer_step(layer, elapsed, max(lost, default=1.0), len(batch))
         results: list[tuple[Tensor, LayerReport] | BaseException] = []
         offset = 0
         for n, pattern in zip(rows, patterns, strict=True):
@@ -393,7 +406,8 @@ class Engine:
                     latency_s=answer.seconds if answer else got.elapsed_s,
                 )
             )
-        lost = float(1.0 - self.alphas[layer][torch.tensor(accepted)].sum())
+        weights = self._weights[layer]
+        lost = 1.0 - sum(weights[b] for b, ok in enumerate(accepted) if ok)
         return LayerReport(layer, tuple(reports), elapsed, lost)
 
     def _screen(self, layer: int, branch: int, answer: _Answer) -> Screened:
@@ -494,6 +508,8 @@ class Engine:
         try:
             inputs = wire if wire is not None else torch.cat([s.h for s in batch])
             outs, _ = await node.client.forward(layer, branches, steps, inputs, timeout)
+            if len(rows) == 1:
+                return {b: [outs[b]] for b in branches}
             return {b: list(outs[b].split(rows)) for b in branches}
         except CacheGap as gap:
             if len(batch) > 1:  # which session has the hole: each on its own, each replayed

@@ -17,6 +17,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self._branch_series: dict[tuple[int, int, str, str], tuple[Any, Any]] = {}
+        self._layer_series: dict[int, tuple[Any, Any, Any]] = {}
         r = registry
         self.branch_latency = Histogram(
             "mbt_branch_call_seconds",
@@ -154,6 +155,16 @@ class Metrics:
         if seconds is not None:
             series[1].observe(seconds)
 
-    def layer_step(self, layer: int, seconds: float, lost_weight: float) -> None:
-        self.layer_latency.labels(layer=str(layer)).observe(seconds)
-        self.lost_weight.labels(layer=str(layer)).set(lost_weight)
+    def layer_step(self, layer: int, seconds: float, lost_weight: float, steps: int) -> None:
+        """One layer step of ``steps`` batched session steps (series kept, as for calls)."""
+        series = self._layer_series.get(layer)
+        if series is None:
+            labels = {"layer": str(layer)}
+            series = self._layer_series[layer] = (
+                self.layer_latency.labels(**labels),
+                self.lost_weight.labels(**labels),
+                self.batch_steps.labels(**labels),
+            )
+        series[0].observe(seconds)
+        series[1].set(lost_weight)
+        series[2].observe(steps)

@@ -33,8 +33,12 @@ class Node:
     failures: int = 0
     benched_until: float = 0.0
 
+    # The median of ``latencies``, kept until the next call is recorded.
+    _median: float | None = field(default=None, init=False, repr=False, compare=False)
+
     def record_success(self, seconds: float) -> None:
         self.latencies.append(seconds)
+        self._median = None
         self.failures = 0
         self.benched_until = 0.0
 
@@ -47,11 +51,12 @@ class Node:
         return now >= self.benched_until
 
     def latency_estimate(self) -> float:
-        """Median of recent calls (0 before any: a new node gets tried)."""
-        if not self.latencies:
-            return 0.0
-        ordered = sorted(self.latencies)
-        return ordered[len(ordered) // 2]
+        """Median of recent calls (0 before any: a new node gets tried). Every fan-out sorts
+        replicas by it, so it is computed once per recorded call, not per sort."""
+        if self._median is None:
+            ordered = sorted(self.latencies)
+            self._median = ordered[len(ordered) // 2] if ordered else 0.0
+        return self._median
 
     def p95(self, default_s: float) -> float:
         if len(self.latencies) < 5:

@@ -69,6 +69,8 @@ class _UniformKV:
         t, offset = q.shape[2], k.shape[2] - q.shape[2]
         if offset == 0:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        if t == 1:  # one query at the newest position (a decode step): it sees every key
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         # Query i sits at absolute position offset + i and sees keys 0..offset + i.
         rows = torch.arange(t, device=q.device)[:, None] + offset
         allowed = torch.arange(offset + t, device=q.device)[None, :] <= rows  # (T, L+T)
@@ -147,8 +149,12 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, kv: _KV, index: int) -> Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), kv, index))
-        return x + self.drop(self.mlp(self.ln2(x)))
+        if self.training and self.drop.p > 0:
+            x = x + self.drop(self.attn(self.ln1(x), kv, index))
+            return x + self.drop(self.mlp(self.ln2(x)))
+        # Inference: dropout is the identity, and calling it costs as much as a small op.
+        x = x + self.attn(self.ln1(x), kv, index)
+        return x + self.mlp(self.ln2(x))
 
 
 class Branch(nn.Module):
