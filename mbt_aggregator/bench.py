@@ -41,10 +41,10 @@ from mbt_core.manifest import read_manifest
 from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
 from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 from mbt_core.sampling import SamplingConfig, generate
+from mbt_core.timing import branch_step, interleaved
 
 ECHO_METHOD = "/mbt.bench.Echo/Echo"
 PREFIX = 32  # positions cached before the timed layer steps
-_ROUND = 10  # timings of one kind in a row before the next kind's turn
 _THROUGHPUT_RUNS = 3  # alternating runs of 1 and of N generations
 
 
@@ -82,18 +82,9 @@ async def _fanout(cluster: LocalCluster, iters: int) -> dict[str, float]:
         inputs=encode(x),
         steps=[pb.SessionStep(session_id="s" * 32, start=PREFIX, length=1)],
     ).SerializeToString()
-    branch = model.layers[0].branches[0]
-    cache = branch.new_cache()
-    with torch.inference_mode():
-        branch.forward_ragged(torch.randn(PREFIX, d), [cache], [PREFIX])
 
     async def layer_step() -> None:
         await engine.run_layer(session, 0, PREFIX, x)  # rolls back to PREFIX each time
-
-    async def compute() -> None:
-        with torch.inference_mode():
-            cache.truncate(PREFIX)
-            branch.forward_ragged(x, [cache], [1])
 
     echoes = [_start_echo() for _ in cluster.nodes]
     channels = [grpc.aio.insecure_channel(addr) for _, addr in echoes]
@@ -103,16 +94,9 @@ async def _fanout(cluster: LocalCluster, iters: int) -> dict[str, float]:
         async def echo() -> None:
             await asyncio.gather(*(call(payload, timeout=10) for call in calls))
 
+        compute = branch_step(model.layers[0].branches[0], PREFIX)
         timed = {"layer": layer_step, "echo": echo, "compute": compute}
-        times: dict[str, list[float]] = {name: [] for name in timed}
-        rounds = max(1, iters // _ROUND)
-        for r in range(rounds + 1):  # the first round warms up and is not counted
-            for name, step in timed.items():
-                for _ in range(_ROUND):
-                    t0 = time.perf_counter()
-                    await step()
-                    if r:
-                        times[name].append(time.perf_counter() - t0)
+        times = await interleaved(timed, iters)
     finally:
         for c in channels:
             await c.close()

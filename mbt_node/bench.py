@@ -20,8 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -35,6 +34,7 @@ from mbt_core.model import MBTLanguageModel
 from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
 from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
 from mbt_core.signing import generate_key, load_private_key, sign_manifest
+from mbt_core.timing import Timed, branch_step, interleaved
 from mbt_core.tokenizer import Tokenizer
 from mbt_node.launcher import start_node
 
@@ -95,35 +95,6 @@ def _request(sessions: int, x: torch.Tensor, start: int) -> pb.ForwardRequest:
     return pb.ForwardRequest(layer=0, branches=[0], steps=steps, inputs=encode(x))
 
 
-async def _time(call: Callable[[], Awaitable[object]], iters: int) -> list[float]:
-    for _ in range(max(3, iters // 10)):  # warm-up
-        await call()
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        await call()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def _compute_times(model: MBTLanguageModel, sessions: int, iters: int) -> list[float]:
-    """The branch compute the node must do for one step, in this process (one torch thread)."""
-    branch = model.layers[0].branches[0]
-    d = model.cfg.d_model
-    caches = [branch.new_cache() for _ in range(sessions)]
-    with torch.inference_mode():
-        branch.forward_ragged(torch.randn(sessions * PREFIX, d), caches, [PREFIX] * sessions)
-        x = torch.randn(sessions, d)
-        out = []
-        for _ in range(iters + max(3, iters // 10)):
-            t0 = time.perf_counter()
-            for c in caches:
-                c.truncate(PREFIX)
-            branch.forward_ragged(x, caches, [1] * sessions)
-            out.append(time.perf_counter() - t0)
-    return out[-iters:]
-
-
 async def _measure(
     address: str, echo_address: str, model: MBTLanguageModel, iters: int, sessions: int
 ) -> dict[str, list[float]]:
@@ -139,11 +110,13 @@ async def _measure(
         one = _request(1, torch.randn(1, d), PREFIX)
         many = _request(sessions, torch.randn(sessions, d), PREFIX)
         payload = one.SerializeToString()
-        return {
-            "forward_1": await _time(lambda: stub.Forward(one, timeout=10), iters),
-            "echo_1": await _time(lambda: echo(payload, timeout=10), iters),
-            "forward_n": await _time(lambda: stub.Forward(many, timeout=10), iters),
+        calls: dict[str, Timed] = {
+            "forward_1": lambda: stub.Forward(one, timeout=10),
+            "echo_1": lambda: echo(payload, timeout=10),
+            "compute_1": branch_step(model.layers[0].branches[0], PREFIX),
+            "forward_n": lambda: stub.Forward(many, timeout=10),
         }
+        return await interleaved(calls, iters)
 
 
 def run_bench(
@@ -173,7 +146,6 @@ def run_bench(
             node.kill()
             echo_proc.kill()
             echo_proc.wait()
-    times["compute_1"] = _compute_times(model, 1, iters)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "d_model": d_model,
