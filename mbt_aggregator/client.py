@@ -160,17 +160,20 @@ class NodeClient:
         self,
         layer: int,
         branches: Sequence[int],
-        steps: Sequence[StepSpec],
+        steps: Sequence[StepSpec | pb.SessionStep],
         inputs: torch.Tensor | pb.Tensor,
         timeout_s: float,
     ) -> tuple[dict[int, torch.Tensor], float]:
         """Outputs per branch (packed like ``inputs``) and the node's compute seconds.
-        ``inputs`` may come encoded already (one encoding serves a whole fan-out)."""
+        ``inputs`` and ``steps`` may come in wire form already (one encoding serves a whole
+        fan-out)."""
         request = pb.ForwardRequest(
             layer=layer,
             branches=list(branches),
             steps=[
-                pb.SessionStep(session_id=s.session_id, start=s.start, length=s.length)
+                s
+                if isinstance(s, pb.SessionStep)
+                else pb.SessionStep(session_id=s.session_id, start=s.start, length=s.length)
                 for s in steps
             ],
             inputs=inputs if isinstance(inputs, pb.Tensor) else encode(inputs),

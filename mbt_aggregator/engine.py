@@ -57,28 +57,62 @@ class LayerReport:
     lost_weight: float
 
 
+class LayerInputs:
+    """One layer's inputs of a session, position by position, kept for replays: a buffer that
+    doubles, so that a token's step writes one row instead of copying all of them."""
+
+    def __init__(self) -> None:
+        self._buffer: Tensor | None = None
+        self.length = 0
+
+    def record(self, start: int, h: Tensor) -> None:
+        """Positions ``start..start+T`` are ``h`` (T, C); later ones are forgotten."""
+        if not 0 <= start <= self.length:
+            raise ValueError(f"inputs start at {start}, but {self.length} positions are kept")
+        end = start + h.shape[0]
+        buffer = self._buffer
+        if buffer is None or buffer.shape[0] < end or buffer.dtype != h.dtype:
+            grown = h.new_empty((max(end, 16, 2 * self.length), h.shape[1]))
+            if buffer is not None:
+                grown[:start] = buffer[:start]
+            self._buffer = buffer = grown
+        buffer[start:end] = h
+        self.length = end
+
+    def __getitem__(self, positions: slice) -> Tensor:
+        if self._buffer is None:
+            raise IndexError("no inputs recorded")
+        return self._buffer[: self.length][positions]
+
+
 @dataclass
 class Session:
     """A generation as the nodes see it: an id, every layer's inputs so far, who took part."""
 
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    history: dict[int, Tensor] = field(default_factory=dict)  # layer -> (positions, C)
+    history: dict[int, LayerInputs] = field(default_factory=dict)  # layer -> its inputs
     nodes: set[str] = field(default_factory=set)
 
 
 @dataclass
 class _Step:
-    """One session's step waiting at a layer (steps of concurrent sessions fan out together)."""
+    """One session's step on its way through the layers ``layer..last``: steps of concurrent
+    sessions that wait at the same layer fan out together, and a layer's worker hands each
+    step on to the next layer itself (no wake-up of the session's task between layers)."""
 
     session: Session
     start: int
-    h: Tensor  # (T, C)
-    future: asyncio.Future[tuple[Tensor, LayerReport]]
+    h: Tensor  # (T, C) the input of ``layer``
+    layer: int
+    last: int
+    head: bool  # end with the trunk's head: the result is logits (T, V), not the hidden state
+    future: asyncio.Future[tuple[Tensor, list[LayerReport]]]
+    reports: list[LayerReport] = field(default_factory=list)
 
 
 @dataclass
 class _Answer:
-    outputs: list[Tensor]  # per step of the batch, (T_i, C)
+    outputs: Tensor  # every step of the batch, packed (N, C)
     node: Node
     seconds: float
     others: tuple[_Answer, ...] = ()  # the other replicas asked with it (an audit or a vote)
@@ -116,6 +150,25 @@ def _per_step(mask: Tensor, rows: list[int], reduce: Callable[..., bool]) -> lis
     return out
 
 
+@dataclass(frozen=True)
+class _Wire:
+    """A batch's Forward payload, encoded once for every node of a fan-out."""
+
+    inputs: pb.Tensor
+    steps: list[pb.SessionStep]
+
+    @classmethod
+    def of(cls, batch: list[_Step]) -> _Wire:
+        h = batch[0].h if len(batch) == 1 else torch.cat([s.h for s in batch])
+        return cls(
+            encode(h),
+            [
+                pb.SessionStep(session_id=s.session.session_id, start=s.start, length=s.h.shape[0])
+                for s in batch
+            ],
+        )
+
+
 def _succeeded(task: asyncio.Task[_Answer]) -> bool:
     return task.done() and not task.cancelled() and task.exception() is None
 
@@ -130,8 +183,7 @@ class _NodeCalls:
         self, engine: Engine, batch: list[_Step], layer: int, plan: dict[int, list[Node]]
     ) -> None:
         self._engine, self._batch, self._layer = engine, batch, layer
-        # The layer input in wire form, encoded once for every node asked.
-        self._wire = encode(batch[0].h if len(batch) == 1 else torch.cat([s.h for s in batch]))
+        self._wire = _Wire.of(batch)  # built once for every node asked
         self._planned: dict[str, tuple[int, ...]] = {}
         for b, nodes in plan.items():
             for node in nodes:
@@ -205,16 +257,38 @@ class Engine:
         self, session: Session, layer: int, start: int, h: Tensor
     ) -> tuple[Tensor, LayerReport]:
         """Fuse layer ``layer``'s branches on ``h`` (T, C) at positions ``start..start+T``."""
-        loop = asyncio.get_running_loop()
-        self._live[session.session_id] = loop.time()
-        self._at[session.session_id] = layer
-        past = session.history.get(layer)
-        kept = past[:start] if past is not None else h[:0]
-        session.history[layer] = torch.cat([kept, h])
-        future: asyncio.Future[tuple[Tensor, LayerReport]] = loop.create_future()
-        self._queues.setdefault(layer, []).append(_Step(session, start, h, future))
-        self._wake(layer)
+        out, (report,) = await self._run(session, start, h, layer, layer, head=False)
+        return out, report
+
+    async def run_token(
+        self, session: Session, ids: list[int], start: int
+    ) -> tuple[Tensor, list[LayerReport]]:
+        """Logits (T, V) of ``ids`` at positions ``start..``: the trunk's embedding, every
+        layer across the swarm, the trunk's head; what each layer's branches did."""
+        with torch.no_grad():
+            h = self.trunk.embed(torch.tensor([ids]), start)[0]  # (T, C)
+        return await self._run(session, start, h, 0, len(self.trunk.layers) - 1, head=True)
+
+    async def _run(
+        self, session: Session, start: int, h: Tensor, first: int, last: int, head: bool
+    ) -> tuple[Tensor, list[LayerReport]]:
+        future: asyncio.Future[tuple[Tensor, list[LayerReport]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._enter(_Step(session, start, h, first, last, head, future))
+        self._wake(first)
         return await future
+
+    def _enter(self, step: _Step) -> None:
+        """Queue ``step`` at its layer, keeping the layer's input for replays."""
+        sid = step.session.session_id
+        self._live[sid] = asyncio.get_running_loop().time()
+        self._at[sid] = step.layer
+        inputs = step.session.history.get(step.layer)
+        if inputs is None:
+            inputs = step.session.history[step.layer] = LayerInputs()
+        inputs.record(step.start, step.h)
+        self._queues.setdefault(step.layer, []).append(step)
 
     def _wake(self, layer: int) -> None:
         loop = asyncio.get_running_loop()
@@ -246,14 +320,48 @@ class Engine:
                 results = await self._fanout(layer, batch)
             except Exception as exc:  # every step of the batch fails alike
                 results = [exc] * len(batch)
-            for step, result in zip(batch, results, strict=True):
+            self._hand_on(layer, batch, results)
+
+    def _hand_on(
+        self,
+        layer: int,
+        batch: list[_Step],
+        results: list[tuple[Tensor, LayerReport] | BaseException],
+    ) -> None:
+        """Each step of a layer's batch goes on to the next layer, or is done: its failure,
+        its hidden state, or its logits (the trunk's head runs once for all of them)."""
+        done: list[_Step] = []
+        for step, result in zip(batch, results, strict=True):
+            if step.future.done():  # its generation went away
                 self._at.pop(step.session.session_id, None)
-                if step.future.done():
-                    continue  # its generation went away
-                if isinstance(result, BaseException):
-                    step.future.set_exception(result)
+                continue
+            if isinstance(result, BaseException):
+                self._at.pop(step.session.session_id, None)
+                step.future.set_exception(result)
+                continue
+            step.h, report = result
+            step.reports.append(report)
+            if layer < step.last:
+                step.layer = layer + 1
+                self._enter(step)
+            else:
+                self._at.pop(step.session.session_id, None)
+                done.append(step)
+        if any(step.layer > layer for step in batch):
+            self._wake(layer + 1)
+        heads = [step for step in done if step.head]
+        if heads:
+            with torch.no_grad():
+                if len(heads) == 1:  # as the in-process model computes it, bit for bit
+                    logits = [self.trunk.logits(heads[0].h[None])[0]]
                 else:
-                    step.future.set_result(result)
+                    rows = [step.h.shape[0] for step in heads]
+                    fused = torch.cat([step.h for step in heads])
+                    logits = list(self.trunk.logits(fused[None])[0].split(rows))
+            for step, out in zip(heads, logits, strict=True):
+                step.h = out
+        for step in done:
+            step.future.set_result((step.h, step.reports))
 
     async def _gather(self, layer: int, queue: list[_Step], wakeup: asyncio.Event) -> None:
         """Wait briefly for the other live sessions to reach this layer.
@@ -318,8 +426,7 @@ class Engine:
         refused = torch.zeros(k, n, dtype=torch.bool)  # present, failed the checks
         single = [b for b, answer in got.results.items() if not answer.others]
         for b in single:
-            parts = got.results[b].outputs
-            outputs[b] = parts[0] if len(parts) == 1 else torch.cat(parts)
+            outputs[b] = got.results[b].outputs
         # One check for all single answers; only what fails it (or a vote) is screened alone.
         passed = dict(zip(single, self.defense.passing(layer, single, outputs), strict=True))
         for b, answer in got.results.items():
@@ -413,7 +520,7 @@ class Engine:
     def _screen(self, layer: int, branch: int, answer: _Answer) -> Screened:
         """The checks on one branch's answer(s); counts and blames what they caught."""
         answers = [answer, *answer.others]
-        screened = self.defense.screen((layer, branch), [torch.cat(a.outputs) for a in answers])
+        screened = self.defense.screen((layer, branch), [a.outputs for a in answers])
         if not screened.clean:
             nodes = [a.node for a in answers]
             quarantine = self.defense.config.quarantine
@@ -470,7 +577,7 @@ class Engine:
         batch: list[_Step],
         layer: int,
         branches: tuple[int, ...],
-        wire: pb.Tensor | None = None,
+        wire: _Wire | None = None,
     ) -> dict[int, _Answer]:
         """One Forward to ``node`` for all of ``branches``, counted per branch."""
         t0 = time.perf_counter()
@@ -496,36 +603,31 @@ class Engine:
         batch: list[_Step],
         layer: int,
         branches: tuple[int, ...],
-        wire: pb.Tensor | None = None,
-    ) -> dict[int, list[Tensor]]:
-        """One Forward for the whole batch (``wire``: its inputs, encoded already); a node
-        that missed positions is replayed to."""
+        wire: _Wire | None = None,
+    ) -> dict[int, Tensor]:
+        """One Forward for the whole batch (``wire``: its payload, built already), outputs
+        packed as the steps are; a node that missed positions is replayed to."""
         timeout = self.policy.request_timeout_s
-        rows = [step.h.shape[0] for step in batch]
-        steps = [
-            StepSpec(s.session.session_id, s.start, n) for s, n in zip(batch, rows, strict=True)
-        ]
+        wire = wire or _Wire.of(batch)
         try:
-            inputs = wire if wire is not None else torch.cat([s.h for s in batch])
-            outs, _ = await node.client.forward(layer, branches, steps, inputs, timeout)
-            if len(rows) == 1:
-                return {b: [outs[b]] for b in branches}
-            return {b: list(outs[b].split(rows)) for b in branches}
+            outs, _ = await node.client.forward(layer, branches, wire.steps, wire.inputs, timeout)
+            return outs
         except CacheGap as gap:
             if len(batch) > 1:  # which session has the hole: each on its own, each replayed
                 parts = await asyncio.gather(
                     *(self._forward(node, [s], layer, branches) for s in batch)
                 )
-                return {b: [p[b][0] for p in parts] for b in branches}
+                return {b: torch.cat([p[b] for p in parts]) for b in branches}
             refusal = gap
         (step,) = batch
+        rows = step.h.shape[0]
         # The node missed positions start..step.start: replay them with this step. Its
         # branches may hold different lengths; each refusal names a shorter one.
         for _ in range(len(branches)):
             start = refusal.length
             if start >= step.start:
                 raise refusal
-            replay = step.session.history[layer][start : step.start + rows[0]]
+            replay = step.session.history[layer][start : step.start + rows]
             self.metrics.replays.labels(node=node.node_id[:16]).inc()
             try:
                 outs, _ = await node.client.forward(
@@ -540,7 +642,7 @@ class Engine:
                     raise
                 refusal = again
                 continue
-            return {b: [outs[b][-rows[0] :]] for b in branches}
+            return {b: outs[b][-rows:] for b in branches}
         raise refusal
 
     @staticmethod

@@ -50,14 +50,7 @@ async def forward_layers(
     engine: Engine, session: Session, ids: list[int], position: int
 ) -> tuple[Tensor, list[LayerReport]]:
     """Logits (T, V) of ``ids`` at ``position..``: embed, every layer across the swarm, head."""
-    with torch.no_grad():
-        h = engine.trunk.embed(torch.tensor([ids]), position)[0]  # (T, C)
-    reports = []
-    for layer in range(len(engine.trunk.layers)):
-        h, report = await engine.run_layer(session, layer, position, h)
-        reports.append(report)
-    with torch.no_grad():
-        return engine.trunk.logits(h[None])[0], reports  # (T, V)
+    return await engine.run_token(session, ids, position)
 
 
 async def read_ahead(source: AsyncIterator[T], depth: int) -> AsyncIterator[T]:

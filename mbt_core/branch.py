@@ -38,6 +38,10 @@ class BranchCache:
             raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
         self.length = length
 
+    def release(self) -> None:
+        """Give the cache's memory back (it is not used again); buffers of its own need no
+        call, the garbage collector frees them."""
+
     def extend(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write block ``i``'s new keys/values (B, nh, T, hs) after the valid positions and
         return views of all of them, (B, nh, length + T, hs)."""
@@ -54,6 +58,88 @@ class BranchCache:
         buf_k[:, :, self.length : end] = k
         buf_v[:, :, self.length : end] = v
         return buf_k[:, :, :end], buf_v[:, :, :end]
+
+
+class KVSlots:
+    """Keys and values of many caches of one branch (a node's sessions of it) in one tensor,
+    a slot of a whole context window per cache.
+
+    A batch of sessions then writes its new keys and reads every key it attends to with one
+    indexed op per block, where caches with buffers of their own need a copy per session. The
+    price is a full window of memory per live cache. Positions at or past a cache's length are
+    kept zero (a slot is zeroed when taken, and from the cut when rolled back), so that a
+    batch that reads them, masked, past a shorter session's end can never meet a NaN there.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
+        self._blocks = cfg.blocks_per_branch
+        self._shape = (cfg.n_heads, cfg.context_length, cfg.d_model // cfg.n_heads)
+        self._dtype, self._device = dtype, torch.device(device)
+        # (blocks, keys/values, slots, nh, context, hs): a slot is zeroed in one op.
+        self.kv = self._zeros(0)
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+        self._free: list[int] = []
+        self._views()
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[2]
+
+    def new_cache(self) -> SlotCache:
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        self.kv[:, :, slot].zero_()
+        return SlotCache(keys=[], values=[], slots=self, slot=slot)
+
+    def free(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def _zeros(self, slots: int) -> Tensor:
+        shape = (self._blocks, 2, slots, *self._shape)
+        return torch.zeros(shape, dtype=self._dtype, device=self._device)
+
+    def _grow(self) -> None:
+        """Double the slots (at least 8); the taken ones keep their contents."""
+        old = self.capacity
+        new = max(8, 2 * old)
+        self.kv = torch.cat([self.kv, self._zeros(new - old)], dim=2)
+        self._views()
+        self._free.extend(range(new - 1, old - 1, -1))
+
+    def _views(self) -> None:
+        self.keys = [self.kv[i, 0] for i in range(self._blocks)]  # (slots, nh, context, hs)
+        self.values = [self.kv[i, 1] for i in range(self._blocks)]
+
+
+@dataclass
+class SlotCache(BranchCache):
+    """A cache whose keys and values live in slot ``slot`` of ``slots``."""
+
+    slots: KVSlots | None = None
+    slot: int = -1
+    _released: bool = False
+
+    def truncate(self, length: int) -> None:
+        old = self.length
+        super().truncate(length)
+        assert self.slots is not None
+        self.slots.kv[:, :, self.slot, :, length:old] = 0
+
+    def release(self) -> None:
+        if self.slots is not None and not self._released:
+            self._released = True
+            self.slots.free(self.slot)
+
+    def extend(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        assert self.slots is not None and k.shape[0] == 1
+        end = self.length + k.shape[2]
+        buf_k, buf_v = self.slots.keys[i], self.slots.values[i]
+        buf_k[self.slot, :, self.length : end] = k[0]
+        buf_v[self.slot, :, self.length : end] = v[0]
+        s = self.slot
+        return buf_k[s : s + 1, :, :end], buf_v[s : s + 1, :, :end]
 
 
 class _UniformKV:
@@ -86,18 +172,40 @@ class _RaggedKV:
 
     def __init__(self, caches: list[BranchCache], lengths: list[int], device: torch.device) -> None:
         self.caches, self.lengths = caches, lengths
-        starts = torch.tensor([c.length for c in caches], device=device)
+        cached = [c.length for c in caches]
         t_max = max(lengths)
-        ends = starts + torch.tensor(lengths, device=device)
-        keys = torch.arange(int(ends.max()), device=device)  # (S,)
-        query_pos = starts[:, None] + torch.arange(t_max, device=device)[None, :]  # (B, T)
-        # A padded query row still sees key 0, so no row is fully masked (no NaN).
-        self.mask = (keys[None, None, :] <= query_pos[:, :, None]) & (
-            keys[None, None, :] < ends[:, None, None]
-        )
-        self.mask = self.mask[:, None]  # (B, 1, T, S)
+        self.key_count = max(c + t for c, t in zip(cached, lengths, strict=True))
+        starts = torch.tensor(cached, device=device)
+        keys = torch.arange(self.key_count, device=device)  # (S,)
+        if t_max == 1:  # decode steps: the one query of a session sees its keys up to its own
+            self.mask = (keys[None, :] <= starts[:, None])[:, None, None]  # (B, 1, 1, S)
+        else:
+            ends = starts + torch.tensor(lengths, device=device)
+            query_pos = starts[:, None] + torch.arange(t_max, device=device)[None, :]  # (B, T)
+            # A padded query row still sees key 0, so no row is fully masked (no NaN).
+            self.mask = (keys[None, None, :] <= query_pos[:, :, None]) & (
+                keys[None, None, :] < ends[:, None, None]
+            )
+            self.mask = self.mask[:, None]  # (B, 1, T, S)
+        # Caches in one slot pool: where each real row's key goes, and which slots to read.
+        self.slots: KVSlots | None = None
+        pools = {id(c.slots) for c in caches if isinstance(c, SlotCache)}
+        if len(pools) == 1 and all(isinstance(c, SlotCache) for c in caches):
+            self.slots = caches[0].slots  # type: ignore[attr-defined]
+            self.slot_index = torch.tensor([c.slot for c in caches], device=device)  # type: ignore[attr-defined]
+            self.row_slot, self.row_position = self.slot_index, starts
+            if t_max > 1:  # each real row: its session, its offset in the step, its position
+                t = torch.tensor(lengths, device=device)
+                session = torch.repeat_interleave(torch.arange(len(caches), device=device), t)
+                first_row = torch.cumsum(t, 0) - t  # each session's first row in the packing
+                offset = torch.arange(int(t.sum()), device=device) - first_row[session]
+                self.rows = (session, offset)
+                self.row_slot = self.slot_index[session]
+                self.row_position = starts[session] + offset
 
     def attend(self, i: int, q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
+        if self.slots is not None:
+            return self._attend_slots(i, q, k, v, dropout)
         ks, vs = [], []
         for s, (cache, t) in enumerate(zip(self.caches, self.lengths, strict=True)):
             k_s, v_s = cache.extend(i, k[s : s + 1, :, :t], v[s : s + 1, :, :t])
@@ -107,6 +215,24 @@ class _RaggedKV:
         v_pad = pad_sequence(vs, batch_first=True).permute(0, 2, 1, 3)
         return F.scaled_dot_product_attention(
             q, k_pad, v_pad, attn_mask=self.mask, dropout_p=dropout
+        )
+
+    def _attend_slots(self, i: int, q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
+        """One write and one read per keys and values, whatever the number of sessions."""
+        assert self.slots is not None
+        buf_k, buf_v = self.slots.keys[i], self.slots.values[i]
+        if q.shape[2] == 1:  # decode steps: every row is real
+            new_k, new_v = k[:, :, 0], v[:, :, 0]  # (B, nh, hs)
+        else:
+            session, offset = self.rows
+            new_k, new_v = k[session, :, offset], v[session, :, offset]  # (N, nh, hs)
+        buf_k[self.row_slot, :, self.row_position] = new_k
+        buf_v[self.row_slot, :, self.row_position] = new_v
+        n = self.key_count
+        k_all = buf_k[:, :, :n].index_select(0, self.slot_index)  # (B, nh, S, hs)
+        v_all = buf_v[:, :, :n].index_select(0, self.slot_index)
+        return F.scaled_dot_product_attention(
+            q, k_all, v_all, attn_mask=self.mask, dropout_p=dropout
         )
 
 
@@ -198,11 +324,18 @@ class Branch(nn.Module):
             self._check_room(cache, t)
         if len(caches) == 1:  # nothing to pad: the plain cached path, bit for bit the same
             return self.forward(packed[None], caches[0])[0]
-        rows = pad_sequence(list(packed.split(lengths)), batch_first=True)  # (B, T, C)
+        t = lengths[0]
+        uniform = all(n == t for n in lengths)  # decode steps: one position each, no padding
+        if uniform:
+            rows = packed.view(len(lengths), t, packed.shape[1])  # (B, T, C)
+        else:
+            rows = pad_sequence(list(packed.split(lengths)), batch_first=True)
         out = self._run(rows, _RaggedKV(caches, lengths, packed.device))
-        for cache, t in zip(caches, lengths, strict=True):
-            cache.length += t  # every block succeeded
-        return torch.cat([out[s, :t] for s, t in enumerate(lengths)])  # (N, C)
+        for cache, n in zip(caches, lengths, strict=True):
+            cache.length += n  # every block succeeded
+        if uniform:
+            return out.reshape(packed.shape)
+        return torch.cat([out[s, :n] for s, n in enumerate(lengths)])  # (N, C)
 
     def _run(self, x: Tensor, kv: _KV) -> Tensor:
         for i, block in enumerate(self.blocks):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from mbt_core.artifacts import load_branch, load_verified_manifest
-from mbt_core.branch import Branch
+from mbt_core.branch import Branch, KVSlots
 from mbt_core.certs import certificate_file_fingerprint
 from mbt_core.discovery import NodeRecord
 from mbt_core.manifest import Manifest, manifest_digest
@@ -92,7 +92,10 @@ def load_runtime(cfg: NodeConfig, manifest: Manifest) -> NodeRuntime:
             "loaded layer %d branch %d (%s)", key[0], key[1], manifest.branch(*key).sha256[:12]
         )
     context = manifest.config.context_length
-    store = SessionStore(cfg.limits, context, lambda k: branches[k].new_cache())
+    # Each branch keeps its sessions' keys and values in one slot pool: a batch of sessions
+    # reads and writes them with one op per block.
+    pools = {k: KVSlots(manifest.config, DTYPES[cfg.dtype], cfg.device) for k in branches}
+    store = SessionStore(cfg.limits, context, lambda k: pools[k].new_cache())
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
     batchers = {k: BranchBatcher(k, b, store, executor, cfg.batching) for k, b in branches.items()}
     return NodeRuntime(

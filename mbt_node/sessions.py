@@ -34,6 +34,7 @@ class Step:
 class _Entry:
     cache: BranchCache
     last_used: float
+    reserved: int = 0  # positions counted against the limit: the end of its last reservation
 
 
 class SessionStore:
@@ -52,7 +53,8 @@ class SessionStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[tuple[str, BranchKey], _Entry] = {}
-        self._sessions: dict[str, int] = {}  # session id -> number of caches
+        self._sessions: dict[str, set[BranchKey]] = {}  # session id -> the keys of its caches
+        self._reserved = 0  # sum of the entries' reserved positions: no scan per call
         self._last_sweep = clock()
 
     @property
@@ -86,7 +88,8 @@ class SessionStore:
                         f"session {s.session_id}: positions {s.start}..{s.start + s.length} "
                         f"exceed the context length {self._context}",
                     )
-                current = self.length(s.session_id, key)
+                entry = self._entries.get((s.session_id, key))
+                current = 0 if entry is None else entry.cache.length
                 if s.start > current:
                     raise StatusError(
                         grpc.StatusCode.FAILED_PRECONDITION,
@@ -95,12 +98,12 @@ class SessionStore:
                         f"{s.start} first",
                         ((CACHE_LENGTH_METADATA, str(current)),),
                     )
-                growth += s.start + s.length - current
-            total = sum(e.cache.length for e in self._entries.values())
-            if total + growth > self._limits.max_cached_tokens:
+                growth += s.start + s.length - (0 if entry is None else entry.reserved)
+            if self._reserved + growth > self._limits.max_cached_tokens:
                 raise StatusError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"node caches {total} positions, limit {self._limits.max_cached_tokens}",
+                    f"node caches {self._reserved} positions, "
+                    f"limit {self._limits.max_cached_tokens}",
                 )
             caches = []
             for s in steps:
@@ -108,28 +111,32 @@ class SessionStore:
                 if entry is None:
                     entry = _Entry(self._new_cache(key), now)
                     self._entries[(s.session_id, key)] = entry
-                    self._sessions[s.session_id] = self._sessions.get(s.session_id, 0) + 1
+                    self._sessions.setdefault(s.session_id, set()).add(key)
                 elif s.start < entry.cache.length:
                     entry.cache.truncate(s.start)  # rollback: recompute from here
                 entry.last_used = now
+                self._reserved += s.start + s.length - entry.reserved
+                entry.reserved = s.start + s.length
                 caches.append(entry.cache)
             return caches
 
     def end(self, session_id: str) -> int:
         """Release every cache of a session; returns how many there were."""
         with self._lock:
-            keys = [k for k in self._entries if k[0] == session_id]
-            for k in keys:
-                self._drop(k)
+            keys = list(self._sessions.get(session_id, ()))
+            for key in keys:
+                self._drop((session_id, key))
             return len(keys)
 
     def _drop(self, k: tuple[str, BranchKey]) -> None:
-        if self._entries.pop(k, None) is None:
+        entry = self._entries.pop(k, None)
+        if entry is None:
             return
-        left = self._sessions[k[0]] - 1
-        if left:
-            self._sessions[k[0]] = left
-        else:
+        entry.cache.release()
+        self._reserved -= entry.reserved
+        keys = self._sessions[k[0]]
+        keys.discard(k[1])
+        if not keys:
             del self._sessions[k[0]]
 
     def _sweep(self) -> None:

@@ -5,7 +5,7 @@ import grpc
 import pytest
 import torch
 
-from mbt_core.branch import Branch
+from mbt_core.branch import Branch, KVSlots
 from mbt_core.config import ModelConfig
 from mbt_node.batcher import BranchBatcher
 from mbt_node.config import BatchingConfig, NodeLimits
@@ -26,11 +26,15 @@ class Clock:
         return self.now
 
 
-def _store(clock: Clock | None = None, **limits: float) -> tuple[SessionStore, Branch]:
+def _store(
+    clock: Clock | None = None, pool: KVSlots | None = None, **limits: float
+) -> tuple[SessionStore, Branch]:
+    """A store whose caches live in a slot pool, as a node's do."""
     torch.manual_seed(0)
     branch = Branch(CFG).eval()
+    slots = pool or KVSlots(CFG, torch.float32, "cpu")
     store = SessionStore(
-        NodeLimits(**limits), CFG.context_length, lambda k: branch.new_cache(), clock or Clock()
+        NodeLimits(**limits), CFG.context_length, lambda k: slots.new_cache(), clock or Clock()
     )
     return store, branch
 
@@ -91,6 +95,23 @@ def test_token_and_session_limits() -> None:
         store.reserve(KEY, [Step("c", 0, 1)])
     assert store.end("a") == 1
     store.reserve(KEY, [Step("c", 0, 1)])
+
+
+def test_ending_a_session_frees_its_positions_for_others() -> None:
+    """The position limit counts every cache of every branch; an ended or rolled-back
+    session's positions count no more."""
+    store, branch = _store(max_cached_tokens=20)
+    _fill(store, branch, "a", 0, 6)
+    store.reserve((0, 1), [Step("a", 0, 6)])  # a's cache of another branch
+    _fill(store, branch, "b", 0, 8)
+    with pytest.raises(StatusError, match="node caches 20 positions"):
+        store.reserve(KEY, [Step("c", 0, 1)])
+    store.reserve(KEY, [Step("b", 0, 1)])  # b rolls back to 0 and recomputes one position
+    store.reserve(KEY, [Step("c", 0, 7)])  # 6 + 6 + 1 + 7 = 20
+    assert store.end("a") == 2
+    store.reserve(KEY, [Step("d", 0, 12)])
+    with pytest.raises(StatusError, match="node caches 20 positions"):
+        store.reserve(KEY, [Step("e", 0, 1)])
 
 
 def test_context_overflow_is_out_of_range() -> None:
@@ -186,3 +207,22 @@ def test_a_small_call_on_an_idle_batcher_runs_at_once() -> None:
     with torch.no_grad():
         for x, out in zip(xs, [small, *queued], strict=True):
             assert (branch(x[None])[0] - out).abs().max().item() < 1e-6
+
+
+def test_ended_and_expired_sessions_give_their_slots_back() -> None:
+    clock, pool = Clock(), KVSlots(CFG, torch.float32, "cpu")
+    store, branch = _store(clock, pool, session_ttl_s=10.0)
+    for i in range(8):
+        _fill(store, branch, f"s{i}", 0, 3)
+    assert pool.capacity == 8
+    store.end("s0")
+    clock.now = 5.0
+    _fill(store, branch, "s1", 3, 1)  # s1 stays fresh
+    clock.now = 12.0
+    _fill(store, branch, "new", 0, 2)  # the sweep expires s2..s7
+    assert store.session_count == 2
+    for i in range(6):  # six more sessions fit in the 8 slots: the freed ones were reused
+        _fill(store, branch, f"t{i}", 0, 2)
+    assert pool.capacity == 8
+    _fill(store, branch, "one-more", 0, 2)
+    assert pool.capacity == 16
