@@ -17,7 +17,10 @@ right. The gateway judges each branch against itself instead:
   With 2, a share of steps (``audit_rate``) goes to both, and the two outputs are compared.
   Two replicas that disagree cannot show which one is wrong: both are counted and the branch is
   masked for those rows. The bounds settle it where they can: a replica they reject is blamed
-  alone.
+  alone. A hedged step answered by the second replica is such a pair for free once the late
+  primary answers too: the two are compared, though the step has already used the hedge's.
+  After any disagreement the branch is audited on every step for ``alert_steps`` steps, so
+  that a lying replica is masked, not fused, while it keeps lying.
 * **Blame.** A replica rejected by its bound, or outvoted by the median, is reported to the
   registry, which quarantines a node that keeps offending.
 
@@ -64,6 +67,7 @@ class DefenseConfig:
     # match bit for bit, a bfloat16 node differs by ~4e-3; a sign flip differs by 2.
     replica_rtol: float = 1e-2
     replica_wait_ms: float = 100.0  # once one replica answered, how long to wait for the others
+    alert_steps: int = 64  # after replicas disagreed: audit that branch's next steps, all of them
     quarantine: QuarantinePolicy = field(default_factory=QuarantinePolicy)
 
     def __post_init__(self) -> None:
@@ -79,6 +83,8 @@ class DefenseConfig:
             raise ValueError(f"replica_rtol must be positive, got {self.replica_rtol}")
         if not (math.isfinite(self.replica_wait_ms) and self.replica_wait_ms >= 0):
             raise ValueError(f"replica_wait_ms must be >= 0, got {self.replica_wait_ms}")
+        if self.alert_steps < 0:
+            raise ValueError(f"alert_steps must be >= 0, got {self.alert_steps}")
 
 
 @dataclass(frozen=True)
@@ -129,20 +135,31 @@ class Defense:
         self.bounds = {k: b.bound for k, b in (bounds or {}).items()} if self.config.bounds else {}
         self._dice = random.Random(self.config.audit_seed)
         self._limits: dict[int, Tensor] = {}  # per layer, (K,): each branch's bound
+        self._alerts: dict[BranchKey, int] = {}  # branch -> steps left to audit, all of them
 
     @classmethod
     def off(cls) -> Defense:
         """No bounds, no replica checks: only the finiteness check (always on)."""
         return cls(DefenseConfig(bounds=False, replica_check=OFF))
 
-    def replicas_to_ask(self, live: int) -> int:
-        """How many of a branch's ``live`` replicas one layer step asks (1, 2: audit, 3: vote)."""
+    def replicas_to_ask(self, live: int, key: BranchKey | None = None) -> int:
+        """How many of a branch's ``live`` replicas one layer step asks (1, 2: audit, 3: vote);
+        every step of a branch on alert is audited."""
         check = self.config.replica_check
         if check == MEDIAN and live >= MEDIAN_REPLICAS:
             return MEDIAN_REPLICAS
-        if check != OFF and live >= 2 and self._dice.random() < self.config.audit_rate:
+        if check == OFF or live < 2:
+            return 1
+        left = self._alerts.get(key, 0) if key is not None else 0
+        if left:
+            self._alerts[key] = left - 1  # type: ignore[index]
             return 2
-        return 1
+        return 2 if self._dice.random() < self.config.audit_rate else 1
+
+    def alert(self, key: BranchKey) -> None:
+        """Two replicas of ``key`` disagreed: audit its next ``alert_steps`` steps."""
+        if self.config.replica_check != OFF and self.config.alert_steps:
+            self._alerts[key] = self.config.alert_steps
 
     def norm_factor(self, layer: int, branches: int, fallback: float | None) -> float | None:
         """``aggregate``'s cross-branch norm check: only for a layer with an unbounded branch."""

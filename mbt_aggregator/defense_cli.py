@@ -69,6 +69,14 @@ def add_defense_arguments(p: argparse.ArgumentParser) -> None:
         "(%(default)s)",
     )
     g.add_argument(
+        "--alert-steps",
+        type=int,
+        default=d.alert_steps,
+        help="after two replicas of a branch disagreed (in an audit, or a hedge checked "
+        "against its late primary), audit every one of that branch's next N steps "
+        "(%(default)s; 0: no alert)",
+    )
+    g.add_argument(
         "--quarantine-strikes",
         type=int,
         default=q.strikes,
@@ -102,6 +110,7 @@ def defense_from_args(args: argparse.Namespace) -> DefenseConfig:
         audit_seed=args.audit_seed,
         replica_rtol=args.replica_rtol,
         replica_wait_ms=args.replica_wait_ms,
+        alert_steps=args.alert_steps,
         quarantine=QuarantinePolicy(
             strikes=args.quarantine_strikes,
             window_s=args.quarantine_window_s,

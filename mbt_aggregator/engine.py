@@ -13,6 +13,7 @@ is used again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from mbt_aggregator.client import CacheGap, NodeCallError, StepSpec
-from mbt_aggregator.defense import Defense, Screened, account
+from mbt_aggregator.defense import OFF, Defense, Screened, account
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.policy import Collected, FanoutPolicy, collect
 from mbt_aggregator.registry import Node, Registry
@@ -397,7 +398,9 @@ class Engine:
         alpha = self.alphas[layer]
         k = alpha.numel()
         replicas = {b: r for b in range(k) if (r := self.registry.replicas((layer, b)))}
-        asked = {b: self.defense.replicas_to_ask(len(nodes)) for b, nodes in replicas.items()}
+        asked = {
+            b: self.defense.replicas_to_ask(len(nodes), (layer, b)) for b, nodes in replicas.items()
+        }
         # A vote's replicas share the step's calls; an audited second replica gets its own.
         plan = {b: nodes[: asked[b] if asked[b] > 2 else 1] for b, nodes in replicas.items()}
         calls = _NodeCalls(self, batch, layer, plan)
@@ -419,6 +422,11 @@ class Engine:
         )
         for task in got.late_calls():
             task.add_done_callback(self._late_done)
+        for b in got.answered_by_hedge:  # the late primary, when it answers, audits the hedge
+            for task in got.late.get(b, ()):
+                task.add_done_callback(
+                    functools.partial(self._cross_check, layer, b, got.results[b])
+                )
         rows = [step.h.shape[0] for step in batch]
         n = sum(rows)
         outputs = torch.zeros(k, n, batch[0].h.shape[1], dtype=batch[0].h.dtype)
@@ -518,14 +526,30 @@ class Engine:
         return LayerReport(layer, tuple(reports), elapsed, lost)
 
     def _screen(self, layer: int, branch: int, answer: _Answer) -> Screened:
-        """The checks on one branch's answer(s); counts and blames what they caught."""
+        """The checks on one branch's answer(s); counts and blames what they caught, and puts
+        a branch whose replicas disagreed on alert."""
         answers = [answer, *answer.others]
         screened = self.defense.screen((layer, branch), [a.outputs for a in answers])
         if not screened.clean:
             nodes = [a.node for a in answers]
             quarantine = self.defense.config.quarantine
             account(screened, nodes, layer, branch, self.metrics, self.registry, quarantine)
+            if screened.disagreed:
+                self.defense.alert((layer, branch))
         return screened
+
+    def _cross_check(
+        self, layer: int, branch: int, used: _Answer, primary: asyncio.Task[_Answer]
+    ) -> None:
+        """A hedged step's primary answered after the hedge that was used: compare the two,
+        as an audit would (a free one), and count what it shows."""
+        if not _succeeded(primary) or self.defense.config.replica_check == OFF:
+            return
+        late = primary.result()
+        if late.node is used.node or late.outputs.shape != used.outputs.shape:
+            return
+        self.metrics.replica_audits.labels(layer=str(layer), branch=str(branch)).inc()
+        self._screen(layer, branch, replace(used, others=(late,)))
 
     def _voter(
         self, replicas: list[Node], asked: int, calls: _NodeCalls, branch: int

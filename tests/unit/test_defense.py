@@ -321,3 +321,54 @@ def test_defense_config_is_validated() -> None:
         DefenseConfig(reject_factor=0.5)
     with pytest.raises(ValueError, match="strikes"):
         QuarantinePolicy(strikes=-1)
+
+
+class SlowClient(FakeClient):
+    """An honest fake node that answers ``delay_s`` late (its cache is filled at once)."""
+
+    delay_s = 0.0
+
+    async def forward(self, layer, branches, steps, inputs, timeout_s):  # type: ignore[no-untyped-def]
+        out = await super().forward(layer, branches, steps, inputs, timeout_s)
+        await asyncio.sleep(self.delay_s)
+        return out
+
+
+def test_a_hedge_is_checked_against_its_late_primary(tiny_model, bounds) -> None:  # type: ignore[no-untyped-def]
+    """A slow honest primary is hedged to a replica that lies with a random direction of the
+    right norm (it passes the bounds). That step uses the lie; the primary's late answer then
+    shows the disagreement, and the branch is audited on the next steps, where the lie is
+    masked instead of fused."""
+    model = tiny_model
+    slow, liar = SlowClient(model), ByzantineClient(model, _fault("random"))
+    registry = Registry()
+    registry.add(Node("a", "a", FakeClient(model), frozenset(_healthy_but(model, BAD))))  # type: ignore[arg-type]
+    registry.add(Node("slow", "slow", slow, frozenset({BAD})))  # type: ignore[arg-type]
+    registry.add(Node("liar", "liar", liar, frozenset({BAD})))  # type: ignore[arg-type]
+    for _ in range(8):  # the honest replica is the faster one on record: it is the primary
+        registry.get("slow").record_success(0.001)  # type: ignore[union-attr]
+        registry.get("liar").record_success(0.002)  # type: ignore[union-attr]
+    defense = Defense(DefenseConfig(audit_rate=0.0, alert_steps=4), bounds)
+    metrics = Metrics(CollectorRegistry())
+    policy = FanoutPolicy(hedge=True)
+    engine = Engine(model, registry, policy, AggregationConfig(), metrics, None, defense)
+    h = _hidden(model, 1, 8)
+
+    async def run() -> list:  # type: ignore[type-arg]
+        session, reports = Session(), []
+        slow.delay_s = 0.2  # past its p95: the step is hedged to the liar, who answers first
+        reports.append((await engine.run_layer(session, 1, 0, h[:4]))[1])
+        await asyncio.sleep(0.4)  # the primary's late answer arrives
+        slow.delay_s = 0.0
+        for t in range(4, 8):
+            reports.append((await engine.run_layer(session, 1, t, h[t : t + 1]))[1])
+        return reports
+
+    first, *alerted = asyncio.run(run())
+    hedged = first.branches[BAD[1]]
+    assert hedged.hedged and hedged.node_id == "liar" and hedged.outcome == OK  # the lie was used
+    for node in ("slow", "liar"):
+        assert _sample(engine, "mbt_replica_disagreements_total", node=node) >= 1
+    # On alert, every step asks both replicas, and the disagreement masks the branch.
+    assert [r.branches[BAD[1]].outcome for r in alerted] == [REJECTED] * 4
+    assert _sample(engine, "mbt_replica_audits_total", layer="1", branch="1") >= 5
