@@ -19,8 +19,13 @@ right. The gateway judges each branch against itself instead:
   masked for those rows. The bounds settle it where they can: a replica they reject is blamed
   alone. A hedged step answered by the second replica is such a pair for free once the late
   primary answers too: the two are compared, though the step has already used the hedge's.
-  After any disagreement the branch is audited on every step for ``alert_steps`` steps, so
-  that a lying replica is masked, not fused, while it keeps lying.
+  After any disagreement the branch is audited on every step for ``alert_steps`` steps: a
+  lie is then masked instead of fused, and the disagreements pile up fast enough to tell the
+  liar (below).
+* **The odd one out.** A pair that disagrees cannot say which one lies, but a node that has
+  disagreed with two or more different replicas (of any branches) within ``odd_window_s``,
+  paired with one that disagreed with nobody else, is blamed alone: the honest nodes agree
+  with each other, the liar with nobody.
 * **Blame.** A replica rejected by its bound, or outvoted by the median, is reported to the
   registry, which quarantines a node that keeps offending.
 
@@ -33,8 +38,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -49,6 +55,7 @@ log = logging.getLogger("mbt_aggregator")
 OFF, AUDIT, MEDIAN = "off", "audit", "median"
 REPLICA_CHECKS = (OFF, AUDIT, MEDIAN)
 NON_FINITE, NORM, OUTVOTED, DISAGREEMENT = "non_finite", "norm", "outvoted", "disagreement"
+ODD_ONE_OUT = "odd_one_out"
 MEDIAN_REPLICAS = 3  # the fewest that outvote one bad replica; more would cost more calls
 _TINY = 1e-12  # keeps relative distances finite for all-zero rows
 _UNBOUNDED = torch.finfo(torch.float32).max  # a branch without a bound: only Inf/NaN norms fail
@@ -67,7 +74,8 @@ class DefenseConfig:
     # match bit for bit, a bfloat16 node differs by ~4e-3; a sign flip differs by 2.
     replica_rtol: float = 1e-2
     replica_wait_ms: float = 100.0  # once one replica answered, how long to wait for the others
-    alert_steps: int = 64  # after replicas disagreed: audit that branch's next steps, all of them
+    alert_steps: int = 64  # after replicas disagreed: audit every one of that branch's next N
+    odd_window_s: float = 60.0  # how long a disagreement counts towards telling the liar
     quarantine: QuarantinePolicy = field(default_factory=QuarantinePolicy)
 
     def __post_init__(self) -> None:
@@ -85,6 +93,8 @@ class DefenseConfig:
             raise ValueError(f"replica_wait_ms must be >= 0, got {self.replica_wait_ms}")
         if self.alert_steps < 0:
             raise ValueError(f"alert_steps must be >= 0, got {self.alert_steps}")
+        if not (math.isfinite(self.odd_window_s) and self.odd_window_s > 0):
+            raise ValueError(f"odd_window_s must be positive, got {self.odd_window_s}")
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,7 @@ class Blame:
     """Rows of one replica's answer that were refused for a reason only that replica gave."""
 
     replica: int  # index into the answers screened
-    reason: str  # NON_FINITE, NORM or OUTVOTED
+    reason: str  # NON_FINITE, NORM, OUTVOTED or ODD_ONE_OUT
     rows: int
 
 
@@ -136,6 +146,8 @@ class Defense:
         self._dice = random.Random(self.config.audit_seed)
         self._limits: dict[int, Tensor] = {}  # per layer, (K,): each branch's bound
         self._alerts: dict[BranchKey, int] = {}  # branch -> steps left to audit, all of them
+        self._disagreed: dict[str, dict[str, float]] = {}  # node -> other node -> when
+        self._clock = time.monotonic
 
     @classmethod
     def off(cls) -> Defense:
@@ -160,6 +172,30 @@ class Defense:
         """Two replicas of ``key`` disagreed: audit its next ``alert_steps`` steps."""
         if self.config.replica_check != OFF and self.config.alert_steps:
             self._alerts[key] = self.config.alert_steps
+
+    def odd_one_out(self, screened: Screened, node_ids: Sequence[str]) -> Screened:
+        """Note who disagreed with whom (``node_ids``: the screened answers' nodes); blame a
+        node of the pair that has disagreed with others too, while its partner has not."""
+        if len(screened.disagreed) != 2:
+            return screened
+        a, b = (node_ids[i] for i in screened.disagreed)
+        if a == b:
+            return screened
+        now = self._clock()
+        for x, y in ((a, b), (b, a)):
+            self._disagreed.setdefault(x, {})[y] = now
+        partners = {x: self._recent(x, now) for x in (a, b)}
+        for index, x, y in ((screened.disagreed[0], a, b), (screened.disagreed[1], b, a)):
+            if len(partners[x]) >= 2 and partners[y] == {x}:
+                blame = Blame(index, ODD_ONE_OUT, screened.disagreement_rows)
+                return replace(screened, blame=(*screened.blame, blame))
+        return screened
+
+    def _recent(self, node_id: str, now: float) -> set[str]:
+        seen = self._disagreed.get(node_id, {})
+        for other in [o for o, t in seen.items() if now - t > self.config.odd_window_s]:
+            del seen[other]
+        return set(seen)
 
     def norm_factor(self, layer: int, branches: int, fallback: float | None) -> float | None:
         """``aggregate``'s cross-branch norm check: only for a layer with an unbounded branch."""

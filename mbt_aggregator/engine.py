@@ -526,10 +526,13 @@ class Engine:
         return LayerReport(layer, tuple(reports), elapsed, lost)
 
     def _screen(self, layer: int, branch: int, answer: _Answer) -> Screened:
-        """The checks on one branch's answer(s); counts and blames what they caught, and puts
-        a branch whose replicas disagreed on alert."""
+        """The checks on one branch's answer(s); counts and blames what they caught (a pair's
+        disagreement, once it tells the liar, too), and puts a branch whose replicas disagreed
+        on alert."""
         answers = [answer, *answer.others]
         screened = self.defense.screen((layer, branch), [a.outputs for a in answers])
+        if screened.disagreed:
+            screened = self.defense.odd_one_out(screened, [a.node.node_id for a in answers])
         if not screened.clean:
             nodes = [a.node for a in answers]
             quarantine = self.defense.config.quarantine

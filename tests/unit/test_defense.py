@@ -337,8 +337,8 @@ class SlowClient(FakeClient):
 def test_a_hedge_is_checked_against_its_late_primary(tiny_model, bounds) -> None:  # type: ignore[no-untyped-def]
     """A slow honest primary is hedged to a replica that lies with a random direction of the
     right norm (it passes the bounds). That step uses the lie; the primary's late answer then
-    shows the disagreement, and the branch is audited on the next steps, where the lie is
-    masked instead of fused."""
+    shows the disagreement, and the branch is audited on its next ``alert_steps`` steps, where
+    the lie is masked instead of fused."""
     model = tiny_model
     slow, liar = SlowClient(model), ByzantineClient(model, _fault("random"))
     registry = Registry()
@@ -348,27 +348,63 @@ def test_a_hedge_is_checked_against_its_late_primary(tiny_model, bounds) -> None
     for _ in range(8):  # the honest replica is the faster one on record: it is the primary
         registry.get("slow").record_success(0.001)  # type: ignore[union-attr]
         registry.get("liar").record_success(0.002)  # type: ignore[union-attr]
-    defense = Defense(DefenseConfig(audit_rate=0.0, alert_steps=4), bounds)
+    defense = Defense(DefenseConfig(audit_rate=0.0, alert_steps=3), bounds)
     metrics = Metrics(CollectorRegistry())
-    policy = FanoutPolicy(hedge=True)
-    engine = Engine(model, registry, policy, AggregationConfig(), metrics, None, defense)
+    engine = Engine(
+        model, registry, FanoutPolicy(hedge=True), AggregationConfig(), metrics, None, defense
+    )
     h = _hidden(model, 1, 8)
 
     async def run() -> list:  # type: ignore[type-arg]
         session, reports = Session(), []
         slow.delay_s = 0.2  # past its p95: the step is hedged to the liar, who answers first
         reports.append((await engine.run_layer(session, 1, 0, h[:4]))[1])
-        await asyncio.sleep(0.4)  # the primary's late answer arrives
+        await asyncio.sleep(0.3)  # the primary's late answer arrives and is compared
         slow.delay_s = 0.0
         for t in range(4, 8):
             reports.append((await engine.run_layer(session, 1, t, h[t : t + 1]))[1])
         return reports
 
-    first, *alerted = asyncio.run(run())
+    first, *later = asyncio.run(run())
     hedged = first.branches[BAD[1]]
     assert hedged.hedged and hedged.node_id == "liar" and hedged.outcome == OK  # the lie was used
     for node in ("slow", "liar"):
         assert _sample(engine, "mbt_replica_disagreements_total", node=node) >= 1
-    # On alert, every step asks both replicas, and the disagreement masks the branch.
-    assert [r.branches[BAD[1]].outcome for r in alerted] == [REJECTED] * 4
-    assert _sample(engine, "mbt_replica_audits_total", layer="1", branch="1") >= 5
+    # On alert, every step asks both replicas: each disagreement masks the branch and renews
+    # the alert (3 steps), so all 4 later steps are audited though the alert is shorter.
+    assert [r.branches[BAD[1]].outcome for r in later] == [REJECTED] * 4
+    assert _sample(engine, "mbt_replica_audits_total", layer="1", branch="1") == 5
+
+
+def test_the_replica_that_disagrees_with_everyone_is_blamed_and_quarantined(
+    tiny_model, bounds
+) -> None:  # type: ignore[no-untyped-def]
+    """A liar replicates two branches, each with a different honest node. Audits show two
+    disagreeing pairs; the node common to both is blamed alone, quarantined after
+    ``strikes``, and the branches are then served by the honest replicas only."""
+    model = tiny_model
+    pair_1, pair_2 = (1, 0), (1, 2)
+    layout = {
+        "a": _healthy_but(model, pair_2),  # honest, with the liar on (1, 0)
+        "b": [pair_2],  # honest, with the liar on (1, 2)
+        "liar": [pair_1, pair_2],
+    }
+    defense = Defense(DefenseConfig(audit_rate=1.0, audit_seed=0), bounds)
+    engine, _ = _engine(model, layout, defense, corrupt={"liar": _fault("random")})
+    h = _hidden(model, 1, 12)
+
+    async def run() -> list:  # type: ignore[type-arg]
+        session = Session()
+        return [(await engine.run_layer(session, 1, t, h[t : t + 1]))[1] for t in range(12)]
+
+    reports = asyncio.run(run())
+    assert (
+        _sample(engine, "mbt_rejected_outputs_total", layer="1", branch="0", reason="odd_one_out")
+        + _sample(engine, "mbt_rejected_outputs_total", layer="1", branch="2", reason="odd_one_out")
+        >= 3
+    )
+    assert engine.registry.quarantined("liar") and not engine.registry.quarantined("a")
+    assert not engine.registry.quarantined("b")
+    last = reports[-1]
+    assert [b.outcome for b in last.branches] == [OK, OK, OK]
+    assert "liar" not in {b.node_id for b in last.branches}
