@@ -332,37 +332,55 @@ class Engine:
         """Each step of a layer's batch goes on to the next layer, or is done: its failure,
         its hidden state, or its logits (the trunk's head runs once for all of them)."""
         done: list[_Step] = []
+        moved = False
         for step, result in zip(batch, results, strict=True):
             if step.future.done():  # its generation went away
                 self._at.pop(step.session.session_id, None)
                 continue
             if isinstance(result, BaseException):
-                self._at.pop(step.session.session_id, None)
-                step.future.set_exception(result)
+                self._finish(step, result)
                 continue
             step.h, report = result
             step.reports.append(report)
-            if layer < step.last:
-                step.layer = layer + 1
-                self._enter(step)
-            else:
-                self._at.pop(step.session.session_id, None)
+            if layer == step.last:
                 done.append(step)
-        if any(step.layer > layer for step in batch):
+                continue
+            step.layer = layer + 1
+            try:
+                self._enter(step)
+                moved = True
+            except Exception as exc:  # it cannot go on (e.g. a hole in its kept inputs)
+                self._finish(step, exc)
+        if moved:
             self._wake(layer + 1)
         heads = [step for step in done if step.head]
-        if heads:
-            with torch.no_grad():
-                if len(heads) == 1:  # as the in-process model computes it, bit for bit
-                    logits = [self.trunk.logits(heads[0].h[None])[0]]
-                else:
-                    rows = [step.h.shape[0] for step in heads]
-                    fused = torch.cat([step.h for step in heads])
-                    logits = list(self.trunk.logits(fused[None])[0].split(rows))
-            for step, out in zip(heads, logits, strict=True):
-                step.h = out
+        try:
+            logits = self._head([step.h for step in heads])
+        except Exception as exc:  # the worker must live on: these steps fail, not the layer
+            for step in done:
+                self._finish(step, exc)
+            return
+        for step, out in zip(heads, logits, strict=True):
+            step.h = out
         for step in done:
+            self._finish(step)
+
+    def _head(self, hidden: list[Tensor]) -> list[Tensor]:
+        """The trunk's head on the last hidden states of several steps, (T_i, C) each, at once."""
+        with torch.no_grad():
+            if len(hidden) == 1:  # as the in-process model computes it, bit for bit
+                return [self.trunk.logits(hidden[0][None])[0]]
+            if not hidden:
+                return []
+            fused = torch.cat(hidden)[None]
+            return list(self.trunk.logits(fused)[0].split([h.shape[0] for h in hidden]))
+
+    def _finish(self, step: _Step, error: BaseException | None = None) -> None:
+        self._at.pop(step.session.session_id, None)
+        if error is None:
             step.future.set_result((step.h, step.reports))
+        else:
+            step.future.set_exception(error)
 
     async def _gather(self, layer: int, queue: list[_Step], wakeup: asyncio.Event) -> None:
         """Wait briefly for the other live sessions to reach this layer.

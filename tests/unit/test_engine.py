@@ -258,3 +258,22 @@ def test_layer_inputs_keep_every_position_for_replays() -> None:
     assert torch.equal(inputs[8:12], torch.cat([h[8:10], redo[:2]]))
     with pytest.raises(ValueError, match="start at 14"):
         inputs.record(14, redo)  # a hole: nothing to replay it from
+
+
+def test_a_step_that_cannot_go_on_fails_alone(tiny_model: MBTLanguageModel) -> None:
+    """A step whose next layer cannot take it (its kept inputs there have a hole) fails with
+    that error; the layer workers live on and serve the next steps."""
+    engine, _ = _engine(tiny_model, {"a": _all(tiny_model)})
+    h = torch.randn(6, tiny_model.cfg.d_model)
+
+    async def run() -> None:
+        session = Session()
+        await engine.run_layer(session, 0, 0, h[:5])  # layer 0 keeps 5 positions, layer 1 none
+        with pytest.raises(ValueError, match="inputs start at 5, but 0 positions are kept"):
+            await asyncio.wait_for(engine._run(session, 5, h[5:], 0, 1, head=False), 5)
+        out, report = await asyncio.wait_for(engine.run_layer(Session(), 1, 0, h), 5)
+        assert out.shape == h.shape and report.layer == 1
+        logits, reports = await asyncio.wait_for(engine.run_token(Session(), [3, 4], 0), 5)
+        assert logits.shape == (2, tiny_model.cfg.vocab_size) and len(reports) == 2
+
+    asyncio.run(run())
