@@ -54,20 +54,63 @@ class StepSpec:
     length: int
 
 
-class _Stream:
-    """One open ``ForwardStream``: writes one at a time, a reader resolving replies by id."""
+@dataclass(frozen=True)
+class Payload:
+    """What every node of a fan-out is sent: a layer, session steps and their inputs.
 
-    def __init__(self, stub: pb_grpc.BranchServiceStub, address: str) -> None:
+    Serialized once for all nodes: each node's branches and request id are serialized alone
+    and appended (protobuf merges concatenated messages), so a fan-out copies and encodes its
+    inputs once, not once per node. The message fields stay for callers that want them.
+    """
+
+    layer: int
+    steps: list[pb.SessionStep]
+    inputs: pb.Tensor
+    data: bytes
+
+    @classmethod
+    def of(
+        cls,
+        layer: int,
+        steps: Sequence[StepSpec | pb.SessionStep],
+        inputs: torch.Tensor | pb.Tensor,
+    ) -> Payload:
+        wire_steps = [
+            s
+            if isinstance(s, pb.SessionStep)
+            else pb.SessionStep(session_id=s.session_id, start=s.start, length=s.length)
+            for s in steps
+        ]
+        tensor = inputs if isinstance(inputs, pb.Tensor) else encode(inputs)
+        request = pb.ForwardRequest(layer=layer, steps=wire_steps, inputs=tensor)
+        return cls(layer, wire_steps, tensor, request.SerializeToString())
+
+    def request(self, branches: Sequence[int], request_id: int) -> bytes:
+        """The serialized ``ForwardRequest`` for one node."""
+        own = pb.ForwardRequest(branches=branches, request_id=request_id)
+        return self.data + own.SerializeToString()
+
+
+_FORWARD_STREAM = "/mbt.v1.BranchService/ForwardStream"
+
+
+class _Stream:
+    """One open ``ForwardStream``: writes one at a time, a reader resolving replies by id.
+    Requests travel as serialized bytes (see :class:`Payload`)."""
+
+    def __init__(self, channel: grpc.aio.Channel, address: str) -> None:
         self.address = address
-        self._call = stub.ForwardStream()
+        self._call = channel.stream_stream(
+            _FORWARD_STREAM, response_deserializer=pb.ForwardReply.FromString
+        )()
         self._pending: dict[int, asyncio.Future[pb.ForwardReply]] = {}
         self._write_lock = asyncio.Lock()
         self.closed = False
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
-    async def request(self, request: pb.ForwardRequest) -> pb.ForwardReply:
+    async def request(self, request_id: int, request: bytes) -> pb.ForwardReply:
         future: asyncio.Future[pb.ForwardReply] = asyncio.get_running_loop().create_future()
-        self._pending[request.request_id] = future
+        self._pending[request_id] = future
         try:
             async with self._write_lock:
                 await self._call.write(request)
@@ -79,7 +122,7 @@ class _Stream:
             self.closed = True
             raise NodeCallError(self.address, grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         finally:
-            self._pending.pop(request.request_id, None)
+            self._pending.pop(request_id, None)
             if future.done() and not future.cancelled():
                 future.exception()  # retrieved: the reader may have failed it meanwhile
 
@@ -164,26 +207,21 @@ class NodeClient:
         inputs: torch.Tensor | pb.Tensor,
         timeout_s: float,
     ) -> tuple[dict[int, torch.Tensor], float]:
-        """Outputs per branch (packed like ``inputs``) and the node's compute seconds.
-        ``inputs`` and ``steps`` may come in wire form already (one encoding serves a whole
-        fan-out)."""
-        request = pb.ForwardRequest(
-            layer=layer,
-            branches=list(branches),
-            steps=[
-                s
-                if isinstance(s, pb.SessionStep)
-                else pb.SessionStep(session_id=s.session_id, start=s.start, length=s.length)
-                for s in steps
-            ],
-            inputs=inputs if isinstance(inputs, pb.Tensor) else encode(inputs),
-            request_id=next(self._ids),
-        )
+        """Outputs per branch (packed like ``inputs``) and the node's compute seconds."""
+        return await self.send(Payload.of(layer, steps, inputs), branches, timeout_s)
+
+    async def send(
+        self, payload: Payload, branches: Sequence[int], timeout_s: float
+    ) -> tuple[dict[int, torch.Tensor], float]:
+        """:meth:`forward` of a payload serialized already (one serves a whole fan-out)."""
+        request_id = next(self._ids)
         if self._stream is None or self._stream.closed:
-            self._stream = _Stream(self._stub, self.address)
+            self._stream = _Stream(self._channel, self.address)
         try:
             async with asyncio.timeout(timeout_s):
-                reply = await self._stream.request(request)
+                reply = await self._stream.request(
+                    request_id, payload.request(branches, request_id)
+                )
         except TimeoutError:
             raise NodeCallError(
                 self.address, grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply in {timeout_s:.3g} s"
@@ -192,14 +230,15 @@ class NodeClient:
             e = reply.error
             cache = e.cache_length if e.HasField("cache_length") else None
             raise self._error(_CODES.get(e.code, grpc.StatusCode.UNKNOWN), e.details, cache)
-        outputs = {o.branch: decode(o.outputs) for o in reply.response.outputs}
-        if sorted(outputs) != sorted(branches):
+        response = reply.response
+        outputs = {o.branch: decode(o.outputs) for o in response.outputs}
+        if len(outputs) != len(branches) or any(b not in outputs for b in branches):
             raise NodeCallError(
                 self.address,
                 grpc.StatusCode.INTERNAL,
                 f"answered branches {sorted(outputs)}, asked {sorted(branches)}",
             )
-        return outputs, reply.response.compute_seconds
+        return outputs, response.compute_seconds
 
     async def end_session(self, session_id: str, timeout_s: float) -> int:
         try:

@@ -20,17 +20,17 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from mbt_aggregator.client import CacheGap, NodeCallError, StepSpec
+from mbt_aggregator.client import CacheGap, NodeCallError, Payload, StepSpec
 from mbt_aggregator.defense import OFF, Defense, Screened, account
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.policy import Collected, FanoutPolicy, collect
 from mbt_aggregator.registry import Node, Registry
 from mbt_core.aggregate import aggregate
-from mbt_core.codec import encode
 from mbt_core.config import AggregationConfig
 from mbt_core.errors import NoBranchAvailable, QuorumNotReached
 from mbt_core.model import MBTLanguageModel
@@ -41,8 +41,7 @@ log = logging.getLogger("mbt_aggregator")
 OK, MASKED, REJECTED = "ok", "masked", "rejected"
 
 
-@dataclass(frozen=True)
-class BranchReport:
+class BranchReport(NamedTuple):  # records, built per branch per layer step: tuples
     branch: int
     outcome: str  # OK, MASKED or REJECTED
     node_id: str
@@ -50,8 +49,7 @@ class BranchReport:
     latency_s: float
 
 
-@dataclass(frozen=True)
-class LayerReport:
+class LayerReport(NamedTuple):
     layer: int
     branches: tuple[BranchReport, ...]
     latency_s: float
@@ -151,23 +149,14 @@ def _per_step(mask: Tensor, rows: list[int], reduce: Callable[..., bool]) -> lis
     return out
 
 
-@dataclass(frozen=True)
-class _Wire:
-    """A batch's Forward payload, encoded once for every node of a fan-out."""
-
-    inputs: pb.Tensor
-    steps: list[pb.SessionStep]
-
-    @classmethod
-    def of(cls, batch: list[_Step]) -> _Wire:
-        h = batch[0].h if len(batch) == 1 else torch.cat([s.h for s in batch])
-        return cls(
-            encode(h),
-            [
-                pb.SessionStep(session_id=s.session.session_id, start=s.start, length=s.h.shape[0])
-                for s in batch
-            ],
-        )
+def _payload(layer: int, batch: list[_Step]) -> Payload:
+    """A batch's Forward payload, serialized once for every node of a fan-out."""
+    h = batch[0].h if len(batch) == 1 else torch.cat([s.h for s in batch])
+    steps = [
+        pb.SessionStep(session_id=s.session.session_id, start=s.start, length=s.h.shape[0])
+        for s in batch
+    ]
+    return Payload.of(layer, steps, h)
 
 
 def _succeeded(task: asyncio.Task[_Answer]) -> bool:
@@ -184,7 +173,7 @@ class _NodeCalls:
         self, engine: Engine, batch: list[_Step], layer: int, plan: dict[int, list[Node]]
     ) -> None:
         self._engine, self._batch, self._layer = engine, batch, layer
-        self._wire = _Wire.of(batch)  # built once for every node asked
+        self._payload = _payload(layer, batch)  # built once for every node asked
         self._planned: dict[str, tuple[int, ...]] = {}
         for b, nodes in plan.items():
             for node in nodes:
@@ -204,7 +193,9 @@ class _NodeCalls:
         outcome: asyncio.Future[dict[int, _Answer]] = asyncio.get_running_loop().create_future()
         self._running[key] = outcome
         try:
-            answers = await self._engine._call(node, self._batch, self._layer, branches, self._wire)
+            answers = await self._engine._call(
+                node, self._batch, self._layer, branches, self._payload
+            )
         except asyncio.CancelledError:
             outcome.cancel()
             raise
@@ -415,7 +406,7 @@ class Engine:
         t0 = time.perf_counter()
         alpha = self.alphas[layer]
         k = alpha.numel()
-        replicas = {b: r for b in range(k) if (r := self.registry.replicas((layer, b)))}
+        replicas = self.registry.layer_replicas(layer, k)
         asked = {
             b: self.defense.replicas_to_ask(len(nodes), (layer, b)) for b, nodes in replicas.items()
         }
@@ -446,23 +437,7 @@ class Engine:
                     functools.partial(self._cross_check, layer, b, got.results[b])
                 )
         rows = [step.h.shape[0] for step in batch]
-        n = sum(rows)
-        outputs = torch.zeros(k, n, batch[0].h.shape[1], dtype=batch[0].h.dtype)
-        present = torch.zeros(k, n, dtype=torch.bool)  # (K, N)
-        refused = torch.zeros(k, n, dtype=torch.bool)  # present, failed the checks
-        single = [b for b, answer in got.results.items() if not answer.others]
-        for b in single:
-            outputs[b] = got.results[b].outputs
-        # One check for all single answers; only what fails it (or a vote) is screened alone.
-        passed = dict(zip(single, self.defense.passing(layer, single, outputs), strict=True))
-        for b, answer in got.results.items():
-            if passed.get(b, False):
-                present[b] = True
-                continue
-            screened = self._screen(layer, b, answer)
-            outputs[b] = screened.output
-            present[b] = ~screened.refused
-            refused[b] = screened.refused
+        outputs, present, refused = self._checked_outputs(layer, k, batch, got)
         try:
             fused = aggregate(
                 outputs,
@@ -479,13 +454,18 @@ class Engine:
         for b in got.hedged:
             self.metrics.hedges.labels(layer=str(layer), branch=str(b)).inc()
         # Steps usually share one outcome pattern: build each pattern's report once.
-        patterns = list(
-            zip(
-                _per_step(fused.accepted, rows, all),
-                _per_step(fused.rejected | refused, rows, any),
-                strict=True,
+        patterns: list[tuple[tuple[bool, ...], tuple[bool, ...]]]
+        if fused.complete:  # every branch answered and passed for every step
+            patterns = [((True,) * k, (False,) * k)] * len(batch)
+        else:
+            rejected = fused.rejected if refused is None else fused.rejected | refused
+            patterns = list(
+                zip(
+                    _per_step(fused.accepted, rows, all),
+                    _per_step(rejected, rows, any),
+                    strict=True,
+                )
             )
-        )
         made: dict[tuple[tuple[bool, ...], tuple[bool, ...]], LayerReport | QuorumNotReached] = {}
         for pattern, count in Counter(patterns).items():
             made[pattern] = self._layer_report(layer, got, pattern, elapsed, count)
@@ -501,6 +481,38 @@ class Engine:
                 results.append(report)
             offset += n
         return results
+
+    def _checked_outputs(
+        self, layer: int, k: int, batch: list[_Step], got: Collected[int, _Answer]
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Every branch's outputs (K, N, C) as screened, which rows are present, and which of
+        those the checks refused; ``None, None`` when every branch answered and passed (the
+        healthy step, which then builds no masks)."""
+        results = got.results
+        single = [b for b, answer in results.items() if not answer.others]
+        if len(single) == k:  # one answer from every branch (no audit, no vote)
+            outputs = torch.stack([results[b].outputs for b in range(k)])
+            single = list(range(k))
+        else:
+            n, width = sum(step.h.shape[0] for step in batch), batch[0].h.shape[1]
+            outputs = torch.zeros(k, n, width, dtype=batch[0].h.dtype)
+            for b in single:
+                outputs[b] = results[b].outputs
+        # One check for all single answers; only what fails it (or a vote) is screened alone.
+        passed = dict(zip(single, self.defense.passing(layer, single, outputs), strict=True))
+        if len(single) == k and all(passed.values()):
+            return outputs, None, None
+        present = torch.zeros(k, outputs.shape[1], dtype=torch.bool)  # (K, N)
+        refused = torch.zeros_like(present)  # present, failed the checks
+        for b, answer in results.items():
+            if passed.get(b, False):
+                present[b] = True
+                continue
+            screened = self._screen(layer, b, answer)
+            outputs[b] = screened.output
+            present[b] = ~screened.refused
+            refused[b] = screened.refused
+        return outputs, present, refused
 
     def _layer_report(
         self,
@@ -622,12 +634,12 @@ class Engine:
         batch: list[_Step],
         layer: int,
         branches: tuple[int, ...],
-        wire: _Wire | None = None,
+        payload: Payload | None = None,
     ) -> dict[int, _Answer]:
         """One Forward to ``node`` for all of ``branches``, counted per branch."""
         t0 = time.perf_counter()
         try:
-            outputs = await self._forward(node, batch, layer, branches, wire)
+            outputs = await self._forward(node, batch, layer, branches, payload)
         except NodeCallError as exc:
             self.registry.failed(node)
             outcome = "timeout" if exc.code.name == "DEADLINE_EXCEEDED" else "error"
@@ -648,14 +660,14 @@ class Engine:
         batch: list[_Step],
         layer: int,
         branches: tuple[int, ...],
-        wire: _Wire | None = None,
+        payload: Payload | None = None,
     ) -> dict[int, Tensor]:
-        """One Forward for the whole batch (``wire``: its payload, built already), outputs
+        """One Forward for the whole batch (``payload``: built already, or here), outputs
         packed as the steps are; a node that missed positions is replayed to."""
         timeout = self.policy.request_timeout_s
-        wire = wire or _Wire.of(batch)
+        payload = payload or _payload(layer, batch)
         try:
-            outs, _ = await node.client.forward(layer, branches, wire.steps, wire.inputs, timeout)
+            outs, _ = await node.client.send(payload, branches, timeout)
             return outs
         except CacheGap as gap:
             if len(batch) > 1:  # which session has the hole: each on its own, each replayed
@@ -675,13 +687,9 @@ class Engine:
             replay = step.session.history[layer][start : step.start + rows]
             self.metrics.replays.labels(node=node.node_id[:16]).inc()
             try:
-                outs, _ = await node.client.forward(
-                    layer,
-                    branches,
-                    [StepSpec(step.session.session_id, start, replay.shape[0])],
-                    replay,
-                    timeout,
-                )
+                steps = [StepSpec(step.session.session_id, start, replay.shape[0])]
+                payload = Payload.of(layer, steps, replay)
+                outs, _ = await node.client.send(payload, branches, timeout)
             except CacheGap as again:
                 if again.length >= start:
                     raise

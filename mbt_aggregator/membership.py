@@ -2,7 +2,9 @@
 
 Candidates come from a static peer list (retried until admitted; for networks where multicast
 does not reach, and for Kubernetes) and from mDNS. A health loop describes every admitted node;
-one that fails ``max_failures`` checks in a row leaves the registry and may re-enter later.
+one that fails ``max_failures`` checks in a row leaves the registry and may re-enter later, and
+one whose address now answers with another node id or manifest (a restart, new artifacts)
+leaves at once: the newcomer there is admitted only once it passes admission itself.
 With TLS every candidate proves its node id first (see :mod:`mbt_aggregator.admission`).
 """
 
@@ -111,7 +113,7 @@ class Membership:
         if node is None:
             return
         try:
-            await node.client.describe(timeout_s=self.admit_timeout_s)
+            info = await node.client.describe(timeout_s=self.admit_timeout_s)
         except NodeCallError as exc:
             failures = self._health_failures.get(node_id, 0) + 1
             self._health_failures[node_id] = failures
@@ -119,5 +121,11 @@ class Membership:
                 await self.forget(
                     node.address, f"{failures} failed health checks ({exc.code.name})"
                 )
+            return
+        if info.node_id != node_id or info.manifest_sha256 != self.expect.manifest_sha256:
+            # Another process answers at the address (a restart with a new identity, or other
+            # artifacts): what was admitted is gone, and the newcomer must pass admission.
+            await self.forget(node.address, f"node {info.node_id[:16]} answers there now")
+            await self.offer(node.address, "recheck")
             return
         self._health_failures[node_id] = 0

@@ -35,6 +35,17 @@ class Node:
 
     # The median of ``latencies``, kept until the next call is recorded.
     _median: float | None = field(default=None, init=False, repr=False, compare=False)
+    # layer -> the branches of it served here, in order: what a fan-out looks up.
+    _by_layer: dict[int, tuple[int, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_layer: dict[int, list[int]] = {}
+        for layer, branch in sorted(self.branches):
+            by_layer.setdefault(layer, []).append(branch)
+        self._by_layer = {layer: tuple(bs) for layer, bs in by_layer.items()}
+
+    def layer_branches(self, layer: int) -> tuple[int, ...]:
+        return self._by_layer.get(layer, ())
 
     def record_success(self, seconds: float) -> None:
         self.latencies.append(seconds)
@@ -131,6 +142,26 @@ class Registry:
         # By latency alone: a replica whose back-off ran out competes again on its speed (a
         # failure count in the key would keep a once-paused node last forever).
         return sorted(found, key=lambda n: n.latency_estimate())
+
+    def layer_replicas(self, layer: int, branches: int) -> dict[int, list[Node]]:
+        """:meth:`replicas` of branches ``0..branches-1`` of ``layer`` at once, in branch
+        order (branches without a usable replica left out): one pass over the nodes for the
+        whole fan-out, and no sort where a branch has one replica."""
+        now = self._clock()
+        found: dict[int, list[Node]] = {}
+        for node in self._nodes.values():
+            served = node.layer_branches(layer)
+            if served and self._usable(node, now):
+                for b in served:
+                    found.setdefault(b, []).append(node)
+        out = {}
+        for b in range(branches):
+            nodes = found.get(b)
+            if nodes:
+                if len(nodes) > 1:
+                    nodes.sort(key=Node.latency_estimate)  # stable: ties keep admission order
+                out[b] = nodes
+        return out
 
     def live_replicas(self, key: BranchKey) -> int:
         now = self._clock()

@@ -34,6 +34,7 @@ class Aggregated:
     weights: Tensor  # renormalized alpha~, zero where not accepted
     accepted: Tensor  # bool: used in the fused output
     rejected: Tensor  # bool: present but refused (non-finite or norm beyond the bound)
+    complete: bool = False  # every branch was present and used on every row
 
     def lost_mass(self, alpha: Tensor) -> Tensor:
         """Weight mass renormalized away per row: ``1 - sum_i m_i alpha_i``."""
@@ -70,52 +71,98 @@ def aggregate(
     if weights.shape != (k,):
         raise ValueError(f"weights must have shape ({k},), got {tuple(weights.shape)}")
     rows = outputs.shape[1:-1]
+    rows = outputs.shape[1:-1]
     z = outputs.reshape(k, -1, outputs.shape[-1])  # (K, N, C)
-    present = _row_mask(mask, k, rows, z.shape[1], z.device)  # (K, N)
-
-    valid = present & torch.isfinite(z).all(-1)
+    n = z.shape[1]
+    present = None if mask is None else _row_mask(mask, k, rows, n, z.device)  # (K, N)
+    valid, complete = _finite_rows(z)
+    if present is not None:
+        valid &= present
+        complete = complete and bool(present.all())
     if norm_factor is not None:
         norms = torch.linalg.vector_norm(z.float(), dim=-1)  # (K, N)
         valid &= norms <= norm_factor * _lower_median(norms, valid)
-    w = weights.to(z.dtype)[:, None] * valid  # (K, N)
-    total = w.sum(0, keepdim=True)
-    if not bool((total > 0).all()):  # one check on the healthy path; the reason only if not
-        if not bool(valid.any(0).all()):
-            raise NoBranchAvailable(
-                f"no branch left to aggregate: {int(present.sum(0).min())} present, "
-                "all masked or rejected (non-finite or norm beyond bound)"
-            )
-        raise NoBranchAvailable("the branches left to aggregate all carry zero weight")
-    w = w / total
-    # Masked outputs may hold anything (NaN): zero them unless every output is used.
-    zc = z if bool(valid.all()) else z.masked_fill(~valid[..., None], 0.0)
+        complete = complete and bool(valid.all())
+    alpha = weights.to(z.dtype)
+    # Both paths give a row the same bits: the healthy one only skips what changes nothing
+    # there (weights times one, zeroing nothing).
+    if complete:
+        total = _ordered_sum(alpha)
+        if not bool(total > 0):
+            raise NoBranchAvailable("the branches left to aggregate all carry zero weight")
+        w = (alpha / total)[:, None].expand(k, n)  # (K, N)
+    else:
+        w = alpha[:, None] * valid  # (K, N)
+        total = _ordered_sum(w)  # (N,)
+        if not bool((total > 0).all()):  # one check; the reason only if it fails
+            if not bool(valid.any(0).all()):
+                count = k if present is None else int(present.sum(0).min())
+                raise NoBranchAvailable(
+                    f"no branch left to aggregate: {count} present, "
+                    "all masked or rejected (non-finite or norm beyond bound)"
+                )
+            raise NoBranchAvailable("the branches left to aggregate all carry zero weight")
+        w = w / total
+        z = z.masked_fill(~valid[..., None], 0.0)  # masked outputs may hold anything (NaN)
 
     if mode == "mean":
-        fused = torch.einsum("kn,knc->nc", w, zc)
+        fused = _weighted_sum(w, z)
     elif mode == "trimmed":
-        fused = _quantile_mean(zc, w, trim_fraction, 1.0 - trim_fraction)
+        fused = _quantile_mean(z, w, trim_fraction, 1.0 - trim_fraction)
     else:
-        fused = _quantile_mean(zc, w, 0.5 - _MEDIAN_HALF_WINDOW, 0.5 + _MEDIAN_HALF_WINDOW)
+        fused = _quantile_mean(z, w, 0.5 - _MEDIAN_HALF_WINDOW, 0.5 + _MEDIAN_HALF_WINDOW)
 
+    rejected = ~valid if present is None else present & ~valid
     return Aggregated(
         output=fused.reshape(*rows, z.shape[-1]),
         weights=w.reshape(k, *rows),
         accepted=valid.reshape(k, *rows),
-        rejected=(present & ~valid).reshape(k, *rows),
+        rejected=rejected.reshape(k, *rows),
+        complete=complete,
     )
 
 
-def _row_mask(
-    mask: Tensor | None, k: int, rows: torch.Size, n: int, device: torch.device
-) -> Tensor:
-    if mask is None:
-        return torch.ones(k, n, dtype=torch.bool, device=device)
+def _row_mask(mask: Tensor, k: int, rows: torch.Size, n: int, device: torch.device) -> Tensor:
     mask = mask.to(device=device, dtype=torch.bool)
     if mask.shape == (k,):
         return mask[:, None].expand(k, n)
     if mask.shape == (k, *rows):
         return mask.reshape(k, n)
     raise ValueError(f"mask must have shape ({k},) or {(k, *rows)}, got {tuple(mask.shape)}")
+
+
+def _ordered_sum(t: Tensor) -> Tensor:
+    """The sum over dim 0, added up in order, one slice at a time.
+
+    Each element then comes out the same whatever the other rows are (elementwise ops only).
+    A fused reduction does not promise that: beyond 4 branches ``t.sum(0)`` rounds some rows
+    differently depending on the batch around them, and the gateway fuses batches of
+    sessions that the in-process model fuses one at a time.
+    """
+    parts = t.unbind(0)
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
+    return out
+
+
+def _weighted_sum(w: Tensor, z: Tensor) -> Tensor:
+    """``sum_k w[k, n] z[k, n, :]`` (N, C), in the order of :func:`_ordered_sum`. ``einsum``
+    gives these very bits, but runs a tiny matrix product per row: over five times slower
+    for a batch of 32 rows."""
+    return _ordered_sum(z * w[..., None])
+
+
+def _finite_rows(z: Tensor) -> tuple[Tensor, bool]:
+    """(K, N): whether each row of ``z`` (K, N, C) holds only finite values; and whether all
+    do. A finite row sum proves its row finite (NaN and Inf propagate into it), so the exact
+    check, many times slower, runs only when some sum is not finite (a NaN/Inf, or finite
+    values that overflow)."""
+    finite = torch.isfinite(z.sum(-1))
+    if bool(finite.all()):
+        return finite, True
+    finite = torch.isfinite(z).all(-1)
+    return finite, bool(finite.all())
 
 
 def _lower_median(values: Tensor, valid: Tensor) -> Tensor:
@@ -137,5 +184,5 @@ def _quantile_mean(z: Tensor, w: Tensor, lo: float, hi: float) -> Tensor:
     upper = ws.cumsum(0)
     lower = upper - ws
     share = (upper.clamp(max=hi) - lower.clamp(min=lo)).clamp(min=0.0)
-    share = share / share.sum(0, keepdim=True)
-    return (share * values.double()).sum(0).to(z.dtype)
+    share = share / _ordered_sum(share)
+    return _ordered_sum(share * values.double()).to(z.dtype)

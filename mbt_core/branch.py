@@ -250,17 +250,20 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, kv: _KV, index: int) -> Tensor:
         b, t, c = x.shape
         nh, hs = self.n_heads, c // self.n_heads
-        q, k, v = self.qkv(x).split(c, dim=2)
-        q = q.view(b, t, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(b, t, nh, hs).transpose(1, 2)
-        v = v.view(b, t, nh, hs).transpose(1, 2)
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(b, t, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
         y = kv.attend(index, q, k, v, self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(b, t, c)  # (B, T, C)
-        return self.proj(y)
+        y = y.transpose(1, 2).reshape(b, t, c)  # (B, T, C)
+        return F.linear(y, self.proj.weight, self.proj.bias)
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``."""
+    """Pre-LN transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``.
+
+    The forward applies the functional ops to the submodules' parameters: on a one-token
+    decode step, calling nine modules costs a fifth of the whole step. The submodules stay, so
+    the parameters keep their names in checkpoints and artifacts.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -275,12 +278,16 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, kv: _KV, index: int) -> Tensor:
-        if self.training and self.drop.p > 0:
-            x = x + self.drop(self.attn(self.ln1(x), kv, index))
-            return x + self.drop(self.mlp(self.ln2(x)))
-        # Inference: dropout is the identity, and calling it costs as much as a small op.
-        x = x + self.attn(self.ln1(x), kv, index)
-        return x + self.mlp(self.ln2(x))
+        p = self.drop.p if self.training else 0.0  # at inference dropout is the identity
+        ln1, ln2 = self.ln1, self.ln2
+        fc, act, out = self.mlp
+        h = F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)
+        a = self.attn.forward(h, kv, index)
+        x = x + (F.dropout(a, p, True) if p > 0 else a)
+        h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
+        h = F.gelu(F.linear(h, fc.weight, fc.bias), approximate=act.approximate)
+        m = F.linear(h, out.weight, out.bias)
+        return x + (F.dropout(m, p, True) if p > 0 else m)
 
 
 class Branch(nn.Module):
@@ -339,7 +346,7 @@ class Branch(nn.Module):
 
     def _run(self, x: Tensor, kv: _KV) -> Tensor:
         for i, block in enumerate(self.blocks):
-            x = block(x, kv, i)
+            x = block.forward(x, kv, i)
         return x
 
     def _check_input(self, h: Tensor, rank: int) -> None:

@@ -39,13 +39,24 @@ def dtype_name(code: int) -> str:
 
 def encode(tensor: torch.Tensor) -> pb.Tensor:
     """Encode a CPU or GPU tensor of a supported dtype (C order, little-endian)."""
+    return encode_into(pb.Tensor(), tensor)
+
+
+def encode_into(msg: pb.Tensor, tensor: torch.Tensor) -> pb.Tensor:
+    """Fill ``msg`` (an empty field of a message being built) with ``tensor``: building a
+    reply in place spares the copy that passing a finished message to its parent makes."""
     code = _TO_WIRE.get(tensor.dtype)
     if code is None:
         raise CodecError(f"cannot send dtype {tensor.dtype}; supported: float32, float16, bfloat16")
-    flat = tensor.detach().to("cpu").contiguous()
+    flat = tensor
+    if not (tensor.is_cpu and tensor.is_contiguous()) or tensor.requires_grad:
+        flat = tensor.detach().to("cpu").contiguous()
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret as bytes first
         flat = flat.reshape(-1).view(torch.uint8)
-    return pb.Tensor(dtype=code, shape=list(tensor.shape), buffer=flat.numpy().tobytes())
+    msg.dtype = code
+    msg.shape.extend(tensor.shape)
+    msg.buffer = flat.numpy().tobytes()
+    return msg
 
 
 def decode(msg: pb.Tensor, max_elements: int | None = None) -> torch.Tensor:
@@ -56,19 +67,21 @@ def decode(msg: pb.Tensor, max_elements: int | None = None) -> torch.Tensor:
     if dtype is None:
         raise CodecError(f"unsupported tensor dtype: {dtype_name(msg.dtype)}")
     shape = tuple(msg.shape)
-    if len(shape) > MAX_RANK or any(d < 0 for d in shape):
+    if len(shape) > MAX_RANK or min(shape, default=0) < 0:
         raise CodecError(f"invalid tensor shape {shape}")
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
         raise CodecError(f"tensor of {count} elements exceeds the limit of {max_elements}")
     itemsize = dtype.itemsize
-    if len(msg.buffer) != count * itemsize:
+    buffer = msg.buffer  # each read of the field makes a new bytes object: read it once
+    if len(buffer) != count * itemsize:
         raise CodecError(
-            f"tensor buffer has {len(msg.buffer)} bytes, shape {shape} of {dtype_name(msg.dtype)} "
+            f"tensor buffer has {len(buffer)} bytes, shape {shape} of {dtype_name(msg.dtype)} "
             f"needs {count * itemsize}"
         )
-    if math.prod(max(d, 1) for d in shape) * itemsize >= 2**63:  # torch sizes even empty ones
+    sized = count if count else math.prod(max(d, 1) for d in shape)  # torch sizes empty ones too
+    if sized * itemsize >= 2**63:
         raise CodecError(f"invalid tensor shape {shape}: beyond any addressable size")
     if count == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(msg.buffer, dtype=dtype).view(shape)
+    return torch.frombuffer(buffer, dtype=dtype).view(shape)

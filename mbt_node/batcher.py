@@ -75,14 +75,11 @@ class BranchBatcher:
                 await self._worker
 
     async def submit(self, steps: list[Step], inputs: Tensor) -> BranchResult:
-        future: asyncio.Future[BranchResult] = asyncio.get_running_loop().create_future()
         if self._idle() and inputs.shape[0] <= self._cfg.direct_max_positions:
             # Nothing queued or running, a small step: run it now, without waking the worker
             # (the usual one-token decode step of a lone generation).
-            (result,) = self._execute([_Job(steps, inputs, future)])
-            if isinstance(result, BaseException):
-                raise result
-            return result
+            return self._compute(steps, inputs)
+        future: asyncio.Future[BranchResult] = asyncio.get_running_loop().create_future()
         self._queue.append(_Job(steps, inputs, future))
         self._wakeup.set()
         return await future
@@ -141,8 +138,22 @@ class BranchBatcher:
         self._queue.extendleft(reversed(deferred))
         return batch
 
+    def _compute(self, steps: list[Step], inputs: Tensor) -> BranchResult:
+        """One call's steps alone: reserve their caches, run them (a refusal raises)."""
+        t0 = time.perf_counter()
+        caches = self._store.reserve(self.key, steps)
+        with torch.inference_mode():
+            out = self._branch.forward_ragged(inputs, caches, [s.length for s in steps])
+        return BranchResult(out, time.perf_counter() - t0, len(steps))
+
     def _execute(self, batch: list[_Job]) -> list[BranchResult | BaseException]:
         """On the torch thread: reserve caches, run one batched forward, split the outputs."""
+        if len(batch) == 1:
+            job = batch[0]
+            try:
+                return [self._compute(job.steps, job.inputs)]
+            except Exception as exc:
+                return [exc]
         t0 = time.perf_counter()
         outcomes: list[BranchResult | BaseException | None] = [None] * len(batch)
         run: list[tuple[int, list[BranchCache]]] = []

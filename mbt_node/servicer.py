@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 import torch
 
-from mbt_core.codec import decode, encode
+from mbt_core.codec import decode, encode_into
 from mbt_core.discovery import CACHE_LENGTH_METADATA, PROTOCOL_VERSION, format_branches
 from mbt_core.errors import CodecError
 from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
@@ -77,7 +77,9 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
         self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext
     ) -> pb.ForwardResponse:
         try:
-            return await self._forward(request)
+            response = pb.ForwardResponse()
+            await self._forward(request, response)
+            return response
         except StatusError as err:
             await context.abort(err.code, err.details, trailing_metadata=err.metadata)
             raise  # unreachable: abort raises
@@ -94,10 +96,9 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
         running: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ForwardRequest) -> None:
+            reply = pb.ForwardReply(request_id=request.request_id)
             try:
-                reply = pb.ForwardReply(
-                    request_id=request.request_id, response=await self._forward(request)
-                )
+                await self._forward(request, reply.response)  # built in place
             except StatusError as err:
                 reply = pb.ForwardReply(request_id=request.request_id, error=_call_error(err))
             except Exception as exc:  # a bug must not leave the caller waiting in silence
@@ -137,28 +138,27 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
             drain.cancel()
             reader.cancel()
 
-    async def _forward(self, request: pb.ForwardRequest) -> pb.ForwardResponse:
+    async def _forward(self, request: pb.ForwardRequest, response: pb.ForwardResponse) -> None:
+        """Run ``request`` and write its outputs into ``response``."""
         rt = self._ready()
         steps, inputs = _validate(rt, request)
         if rt.cfg.delay_ms:  # fault injection: a slow machine
             await asyncio.sleep(rt.cfg.delay_ms / 1000)
-        jobs = [rt.batchers[(request.layer, b)].submit(steps, inputs) for b in request.branches]
+        layer, branches = request.layer, request.branches
         results: list[BranchResult | BaseException]
-        if len(jobs) == 1:  # the usual case: no task to gather (a failure raises as below)
-            results = [await jobs[0]]
+        if len(branches) == 1:  # the usual case: no task to gather (a failure raises as below)
+            results = [await rt.batchers[(layer, branches[0])].submit(steps, inputs)]
         else:
+            jobs = [rt.batchers[(layer, b)].submit(steps, inputs) for b in branches]
             results = await asyncio.gather(*jobs, return_exceptions=True)
-        failed = next((r for r in results if isinstance(r, BaseException)), None)
-        if failed is not None:
-            raise failed
-        ok = [r for r in results if isinstance(r, BranchResult)]
-        return pb.ForwardResponse(
-            outputs=[
-                pb.BranchOutput(branch=b, outputs=encode(corrupt(rt.cfg.test_fault, r.outputs)))
-                for b, r in zip(request.branches, ok, strict=True)
-            ],
-            compute_seconds=max(r.compute_seconds for r in ok),
-        )
+        done = [r for r in results if isinstance(r, BranchResult)]
+        if len(done) != len(results):
+            raise next(r for r in results if isinstance(r, BaseException))
+        for b, result in zip(branches, done, strict=True):
+            encode_into(
+                response.outputs.add(branch=b).outputs, corrupt(rt.cfg.test_fault, result.outputs)
+            )
+        response.compute_seconds = max(r.compute_seconds for r in done)
 
     async def EndSession(
         self, request: pb.EndSessionRequest, context: grpc.aio.ServicerContext
@@ -185,23 +185,24 @@ def _invalid(details: str) -> StatusError:
 def _validate(rt: NodeRuntime, request: pb.ForwardRequest) -> tuple[list[Step], torch.Tensor]:
     """Every check that needs no cache: served branches, steps, tensor dtype/shape/values."""
     lim, cfg = rt.cfg.limits, rt.manifest.config
-    if not request.branches:
+    layer, branches, wire_steps = request.layer, request.branches, request.steps
+    if not branches:
         raise _invalid("no branches requested")
-    if len(set(request.branches)) != len(request.branches):
+    if len(branches) > 1 and len(set(branches)) != len(branches):
         raise _invalid("a branch is requested twice")
-    missing = [b for b in request.branches if (request.layer, b) not in rt.branches]
+    missing = [b for b in branches if (layer, b) not in rt.branches]
     if missing:
         raise StatusError(
             grpc.StatusCode.NOT_FOUND,
-            f"layer {request.layer} branch {missing[0]} is not served by this node "
+            f"layer {layer} branch {missing[0]} is not served by this node "
             f"(it serves {format_branches(tuple(sorted(rt.branches)))})",
         )
-    if not request.steps:
+    if not wire_steps:
         raise _invalid("no session steps given")
-    if len(request.steps) > lim.max_steps_per_call:
-        raise _invalid(f"{len(request.steps)} steps exceed the limit of {lim.max_steps_per_call}")
-    steps = [Step(s.session_id, s.start, s.length) for s in request.steps]
-    if len({s.session_id for s in steps}) != len(steps):
+    if len(wire_steps) > lim.max_steps_per_call:
+        raise _invalid(f"{len(wire_steps)} steps exceed the limit of {lim.max_steps_per_call}")
+    steps = [Step(s.session_id, s.start, s.length) for s in wire_steps]
+    if len(steps) > 1 and len({s.session_id for s in steps}) != len(steps):
         raise _invalid("a session appears twice in one call")
     for s in steps:
         if not s.session_id or len(s.session_id) > MAX_SESSION_ID:
@@ -225,4 +226,4 @@ def _validate(rt: NodeRuntime, request: pb.ForwardRequest) -> tuple[list[Step], 
     # non-finite sum, NaN/Inf or a float overflow of huge values, needs the exact check.
     if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
         raise _invalid("inputs contain NaN or Inf")
-    return steps, x.to(rt.cfg.device)
+    return steps, x if rt.cfg.device == "cpu" else x.to(rt.cfg.device)

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 
@@ -23,8 +24,7 @@ from mbt_node.status import StatusError
 BranchKey = tuple[int, int]  # (layer, branch)
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):  # a tuple: built for every step of every call
     session_id: str
     start: int
     length: int

@@ -45,8 +45,8 @@ class ByzantineClient(FakeClient):
         super().__init__(model)
         self.corrupt = corrupt
 
-    async def forward(self, layer, branches, steps, inputs, timeout_s):  # type: ignore[no-untyped-def]
-        out, seconds = await super().forward(layer, branches, steps, inputs, timeout_s)
+    async def send(self, payload, branches, timeout_s):  # type: ignore[no-untyped-def]
+        out, seconds = await super().send(payload, branches, timeout_s)
         return {b: self.corrupt(x) for b, x in out.items()}, seconds
 
 
@@ -328,8 +328,8 @@ class SlowClient(FakeClient):
 
     delay_s = 0.0
 
-    async def forward(self, layer, branches, steps, inputs, timeout_s):  # type: ignore[no-untyped-def]
-        out = await super().forward(layer, branches, steps, inputs, timeout_s)
+    async def send(self, payload, branches, timeout_s):  # type: ignore[no-untyped-def]
+        out = await super().send(payload, branches, timeout_s)
         await asyncio.sleep(self.delay_s)
         return out
 

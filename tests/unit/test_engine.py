@@ -9,7 +9,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from mbt_aggregator.client import CacheGap, NodeCallError
+from mbt_aggregator.client import CacheGap, NodeCallError, Payload
 from mbt_aggregator.engine import MASKED, OK, Engine, LayerInputs, Session
 from mbt_aggregator.generation import generate_tokens
 from mbt_aggregator.metrics import Metrics
@@ -35,14 +35,15 @@ class FakeClient:
         self.branches_per_call: list[tuple[int, ...]] = []
         self.address = "fake"
 
-    async def forward(self, layer, branches, steps, inputs, timeout_s):  # type: ignore[no-untyped-def]
+    async def send(self, payload: Payload, branches, timeout_s):  # type: ignore[no-untyped-def]
         self.calls += 1
         if self.fail:
             raise NodeCallError("fake", grpc.StatusCode.UNAVAILABLE, "down")
+        # What a node reads: the bytes a node would be sent, merged with its branches.
+        request = pb.ForwardRequest.FromString(payload.request(branches, self.calls))
+        layer, steps, inputs = request.layer, request.steps, decode(request.inputs)
         self.steps_per_call.append(len(steps))
-        self.branches_per_call.append(tuple(branches))
-        if isinstance(inputs, pb.Tensor):  # the engine encodes a fan-out's inputs once
-            inputs = decode(inputs)
+        self.branches_per_call.append(tuple(request.branches))
         out = {}
         for b in branches:
             branch = self.model.layers[layer].branches[b]
