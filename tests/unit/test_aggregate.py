@@ -96,3 +96,37 @@ def test_shape_errors_are_value_errors() -> None:
         aggregate(z, torch.full((4,), 0.25), torch.ones(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="aggregation mode"):
         aggregate(z, torch.full((4,), 0.25), mode="max")
+
+
+@pytest.mark.parametrize("mode", ["mean", "trimmed", "median"])
+@pytest.mark.parametrize("k", [2, 4, 5, 8])
+def test_a_row_fuses_to_the_same_bits_alone_or_in_a_batch(mode: str, k: int) -> None:
+    """The gateway fuses a batch of sessions' rows at once, the in-process model one
+    sequence at a time: each row must come out bit for bit the same either way (a fused
+    ``sum(0)`` over more than 4 branches does not promise that), healthy or masked."""
+    torch.manual_seed(k)
+    alpha = torch.softmax(torch.randn(k), 0)
+    for n, c in ((37, 3), (64, 128), (5, 300)):
+        z = torch.randn(k, n, c) * 10
+        mask = torch.rand(k, n) < 0.8
+        mask[0] = True  # every row keeps a branch
+        for m in (None, mask):
+            batch = aggregate(z, alpha, m, mode, norm_factor=None)
+            for row in (0, n // 2, n - 1):
+                alone_mask = None if m is None else m[:, row : row + 1]
+                alone = aggregate(z[:, row : row + 1], alpha, alone_mask, mode, norm_factor=None)
+                assert torch.equal(alone.output[0], batch.output[row])
+                assert torch.equal(alone.weights[:, 0], batch.weights[:, row])
+
+
+def test_the_healthy_path_gives_the_bits_of_the_masked_path() -> None:
+    """A step with every branch in skips the mask work; a row that keeps every branch in a
+    masked step (where some other row lost one) must still be fused to the same bits."""
+    z, alpha = _outputs(k=6, rows=(7,), c=64), torch.softmax(torch.randn(6), 0)
+    mask = torch.ones(6, 7, dtype=torch.bool)
+    mask[2, 3] = False  # row 3 lost a branch; the others keep all six
+    healthy, masked = aggregate(z, alpha), aggregate(z, alpha, mask)
+    assert healthy.complete and not masked.complete
+    keep = [r for r in range(7) if r != 3]
+    assert torch.equal(healthy.output[keep], masked.output[keep])
+    assert torch.equal(healthy.weights[:, keep], masked.weights[:, keep])
