@@ -144,7 +144,7 @@ class Defense:
         self.config = config or DefenseConfig()
         self.bounds = {k: b.bound for k, b in (bounds or {}).items()} if self.config.bounds else {}
         self._dice = random.Random(self.config.audit_seed)
-        self._limits: dict[int, Tensor] = {}  # per layer, (K,): each branch's bound
+        self._limits: dict[int, Tensor] = {}  # per layer, (K, 1): each branch's bound
         self._alerts: dict[BranchKey, int] = {}  # branch -> steps left to audit, all of them
         self._disagreed: dict[str, dict[str, float]] = {}  # node -> other node -> when
         self._clock = time.monotonic
@@ -213,14 +213,16 @@ class Defense:
         limits = self._limits.get(layer)
         if limits is None or limits.shape[0] < outputs.shape[0]:
             limits = self._limits[layer] = torch.tensor(
-                [self.bounds.get((layer, b), _UNBOUNDED) for b in range(outputs.shape[0])]
-            )
+                [[self.bounds.get((layer, b), _UNBOUNDED)] for b in range(outputs.shape[0])]
+            )  # (K, 1)
+        if outputs.dtype != torch.float32:
+            outputs = outputs.float()
         if list(branches) == list(range(outputs.shape[0])):  # all, in order: nothing to pick
-            norms = torch.linalg.vector_norm(outputs.float(), dim=-1)  # (K, N)
-            return (norms <= limits[:, None]).all(1).tolist()
+            norms = torch.linalg.vector_norm(outputs, dim=-1)  # (K, N)
+            return (norms <= limits).all(1).tolist()
         index = torch.tensor(branches)
-        norms = torch.linalg.vector_norm(outputs[index].float(), dim=-1)  # (B, N)
-        return (norms <= limits[index, None]).all(1).tolist()
+        norms = torch.linalg.vector_norm(outputs[index], dim=-1)  # (B, N)
+        return (norms <= limits[index]).all(1).tolist()
 
     def screen(self, key: BranchKey, answers: Sequence[Tensor]) -> Screened:
         """Check one branch's answers, (N, C) each: the primary replica's first, then any

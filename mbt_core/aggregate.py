@@ -11,7 +11,8 @@ position of one sequence), so one bad position does not discard a branch's whole
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -27,14 +28,32 @@ class Aggregated:
     """Fused output plus what happened to every branch, for metrics and per-token info.
 
     ``weights``, ``accepted`` and ``rejected`` have shape ``(K, *rows)`` where ``rows`` are the
-    leading dimensions of one branch output (everything but the last).
+    leading dimensions of one branch output (everything but the last). They are built when
+    first read: a healthy step of the gateway reads only ``output`` and ``complete``.
     """
 
     output: Tensor  # (*rows, C)
-    weights: Tensor  # renormalized alpha~, zero where not accepted
-    accepted: Tensor  # bool: used in the fused output
-    rejected: Tensor  # bool: present but refused (non-finite or norm beyond the bound)
-    complete: bool = False  # every branch was present and used on every row
+    complete: bool  # every branch was present and used on every row
+    shape: tuple[int, ...]  # (K, *rows)
+    _weights: Tensor = field(repr=False)  # (K, N), or (K, 1) when complete
+    _valid: Tensor = field(repr=False)  # (K, N) used
+    _present: Tensor | None = field(repr=False)  # (K, N); None: all present
+
+    @cached_property
+    def weights(self) -> Tensor:
+        """Renormalized alpha~, zero where not accepted."""
+        return self._weights.expand(self._valid.shape).reshape(self.shape)
+
+    @cached_property
+    def accepted(self) -> Tensor:
+        """bool: used in the fused output."""
+        return self._valid.reshape(self.shape)
+
+    @cached_property
+    def rejected(self) -> Tensor:
+        """bool: present but refused (non-finite or norm beyond the bound)."""
+        refused = ~self._valid if self._present is None else self._present & ~self._valid
+        return refused.reshape(self.shape)
 
     def lost_mass(self, alpha: Tensor) -> Tensor:
         """Weight mass renormalized away per row: ``1 - sum_i m_i alpha_i``."""
@@ -83,14 +102,14 @@ def aggregate(
         norms = torch.linalg.vector_norm(z.float(), dim=-1)  # (K, N)
         valid &= norms <= norm_factor * _lower_median(norms, valid)
         complete = complete and bool(valid.all())
-    alpha = weights.to(z.dtype)
+    alpha = weights if weights.dtype == z.dtype else weights.to(z.dtype)
     # Both paths give a row the same bits: the healthy one only skips what changes nothing
     # there (weights times one, zeroing nothing).
     if complete:
         total = _ordered_sum(alpha)
-        if not bool(total > 0):
+        if not total.item() > 0:
             raise NoBranchAvailable("the branches left to aggregate all carry zero weight")
-        w = (alpha / total)[:, None].expand(k, n)  # (K, N)
+        w = (alpha / total)[:, None]  # (K, 1): the same for every row
     else:
         w = alpha[:, None] * valid  # (K, N)
         total = _ordered_sum(w)  # (N,)
@@ -108,17 +127,17 @@ def aggregate(
     if mode == "mean":
         fused = _weighted_sum(w, z)
     elif mode == "trimmed":
-        fused = _quantile_mean(z, w, trim_fraction, 1.0 - trim_fraction)
+        fused = _quantile_mean(z, w.expand(k, n), trim_fraction, 1.0 - trim_fraction)
     else:
-        fused = _quantile_mean(z, w, 0.5 - _MEDIAN_HALF_WINDOW, 0.5 + _MEDIAN_HALF_WINDOW)
-
-    rejected = ~valid if present is None else present & ~valid
+        lo, hi = 0.5 - _MEDIAN_HALF_WINDOW, 0.5 + _MEDIAN_HALF_WINDOW
+        fused = _quantile_mean(z, w.expand(k, n), lo, hi)
     return Aggregated(
         output=fused.reshape(*rows, z.shape[-1]),
-        weights=w.reshape(k, *rows),
-        accepted=valid.reshape(k, *rows),
-        rejected=rejected.reshape(k, *rows),
         complete=complete,
+        shape=(k, *rows),
+        _weights=w,
+        _valid=valid,
+        _present=present,
     )
 
 
