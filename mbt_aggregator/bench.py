@@ -3,11 +3,13 @@
 From one run on this machine (ratios, since the machines are shared and noisy):
 
 * one layer's fan-out + aggregation through the gateway's engine, against a bare gRPC echo
-  fan-out of the same payload to as many echo processes, plus one branch's compute;
+  fan-out of the same payload to as many echo processes, plus one branch's compute; for one
+  session's one-token step, or (``--rows``) the continuous batch of several sessions' steps;
 * per-token latency of distributed greedy generation against in-process generation;
 * tokens/s of N concurrent generations against one generation.
 
-It runs a :class:`LocalCluster` of the shipped model (or ``--checkpoint``) and cleans it up.
+It runs a :class:`LocalCluster` of the shipped model (or ``--checkpoint``, or an untrained model
+``--d-model`` wide, for other payload sizes) and cleans it up.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -34,10 +39,11 @@ from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.policy import FanoutPolicy
 from mbt_aggregator.registry import Node, Registry
 from mbt_aggregator.remote import generate_remote
-from mbt_core.checkpoint import load_checkpoint
+from mbt_core.checkpoint import load_checkpoint, save_checkpoint
 from mbt_core.codec import encode
 from mbt_core.config import AggregationConfig
 from mbt_core.manifest import read_manifest
+from mbt_core.model import MBTLanguageModel
 from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
 from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 from mbt_core.sampling import SamplingConfig, generate
@@ -59,9 +65,10 @@ def _start_echo() -> tuple[subprocess.Popen[str], str]:
     return proc, line.rsplit(" ", 1)[1].strip()
 
 
-async def _fanout(cluster: LocalCluster, iters: int) -> dict[str, float]:
+async def _fanout(cluster: LocalCluster, iters: int, rows: int = 1) -> dict[str, float]:
     """The three timings interleave in short rounds, so that the machine's drift (it is shared)
-    weighs on each alike."""
+    weighs on each alike. A layer step carries one-token steps of ``rows`` sessions (the
+    continuous batch of that many generations); the echo carries a payload of as many rows."""
     ckpt = load_checkpoint(cluster.checkpoint)
     model = ckpt.model
     registry = Registry()
@@ -72,19 +79,30 @@ async def _fanout(cluster: LocalCluster, iters: int) -> dict[str, float]:
     metrics = Metrics(CollectorRegistry())
     engine = Engine(model, registry, FanoutPolicy(), AggregationConfig(), metrics, None, defense)
     d = model.cfg.d_model
-    session = Session()
+    sessions = [Session() for _ in range(rows)]
+    # Layer inputs as generation makes them: embeddings of tokens (random ones) at their
+    # positions, so that outputs stay within the manifest's calibrated bounds.
+    torch.manual_seed(0)
     with torch.no_grad():
-        await engine.run_layer(session, 0, 0, torch.randn(PREFIX, d))
-    x = torch.randn(1, d)
+        inputs = [
+            model.embed(torch.randint(0, model.cfg.vocab_size, (1, PREFIX + 1)), 0)[0]
+            for _ in sessions
+        ]
+        for session, h in zip(sessions, inputs, strict=True):
+            await engine.run_layer(session, 0, 0, h[:PREFIX])
+    xs = [h[PREFIX:] for h in inputs]
     payload = pb.ForwardRequest(
         layer=0,
         branches=[0],
-        inputs=encode(x),
-        steps=[pb.SessionStep(session_id="s" * 32, start=PREFIX, length=1)],
+        inputs=encode(torch.cat(xs)),
+        steps=[pb.SessionStep(session_id=f"{i:032d}", start=PREFIX, length=1) for i in range(rows)],
     ).SerializeToString()
 
     async def layer_step() -> None:
-        await engine.run_layer(session, 0, PREFIX, x)  # rolls back to PREFIX each time
+        # Each rolls back to PREFIX; the layer's worker gathers them into one fan-out.
+        await asyncio.gather(
+            *(engine.run_layer(s, 0, PREFIX, x) for s, x in zip(sessions, xs, strict=True))
+        )
 
     echoes = [_start_echo() for _ in cluster.nodes]
     channels = [grpc.aio.insecure_channel(addr) for _, addr in echoes]
@@ -94,7 +112,7 @@ async def _fanout(cluster: LocalCluster, iters: int) -> dict[str, float]:
         async def echo() -> None:
             await asyncio.gather(*(call(payload, timeout=10) for call in calls))
 
-        compute = branch_step(model.layers[0].branches[0], PREFIX)
+        compute = branch_step(model.layers[0].branches[0], PREFIX, rows)
         timed = {"layer": layer_step, "echo": echo, "compute": compute}
         times = await interleaved(timed, iters)
     finally:
@@ -103,11 +121,14 @@ async def _fanout(cluster: LocalCluster, iters: int) -> dict[str, float]:
         for proc, _ in echoes:
             proc.kill()
             proc.wait()
-        await engine.end_session(session)
+        for session in sessions:
+            await engine.end_session(session)
         for node in registry.nodes:
             await node.client.close()
     med = {name: statistics.median(v) for name, v in times.items()}
     return {
+        "rows": rows,
+        "d_model": d,
         "layer_step_ms": med["layer"] * 1e3,
         "echo_fanout_ms": med["echo"] * 1e3,
         "branch_compute_ms": med["compute"] * 1e3,
@@ -134,30 +155,64 @@ def _tokens_per_s(address: str, n: int, tokens: int) -> float:
     return produced / (time.perf_counter() - t0)
 
 
+async def _fanouts(
+    cluster: LocalCluster, iters: int, rows: Sequence[int]
+) -> list[dict[str, float]]:
+    return [await _fanout(cluster, iters, n) for n in rows]  # one event loop for grpc.aio
+
+
+def _widened(d_model: int, root: Path) -> Path:
+    """An untrained model of the shipped layout, ``d_model`` wide: for payload sizes other than
+    the shipped model's (timings only, its text is noise)."""
+    shipped = load_checkpoint(None)
+    heads = shipped.model.cfg.n_heads
+    if d_model <= 0 or d_model % heads:
+        raise ValueError(f"--d-model must be a positive multiple of {heads} (the heads)")
+    torch.manual_seed(0)
+    model = MBTLanguageModel(replace(shipped.model.cfg, d_model=d_model)).eval()
+    path = root / f"untrained-d{d_model}.safetensors"
+    save_checkpoint(path, model, shipped.tokenizer, {"note": "untrained, for benchmarks"})
+    return path
+
+
 def run_bench(
-    checkpoint: Path | None = None, iters: int = 200, tokens: int = 32, concurrency: int = 32
-) -> dict[str, float]:
+    checkpoint: Path | None = None,
+    iters: int = 200,
+    tokens: int = 32,
+    concurrency: int = 32,
+    rows: Sequence[int] = (1,),
+    d_model: int | None = None,
+) -> dict[str, Any]:
+    """The figures of one run; the fan-out figures at the top level are those of ``rows[0]``,
+    and ``fanouts`` holds one entry per row count."""
+    if not rows or min(rows) <= 0:
+        raise ValueError("rows must be positive")
     torch.set_num_threads(1)
     # One client runs every generation here: lift the per-client limit to the concurrency.
     per_client = ("--max-requests-per-client", str(max(concurrency, 16)))
-    with LocalCluster(checkpoint, Layout(4, 1), gateway_args=per_client) as cluster:
-        result = asyncio.run(_fanout(cluster, iters))
-        cfg = SamplingConfig(max_new_tokens=tokens, temperature=0, stop_at_eos=False)
-        remote = [e.latency_ms for e in generate_remote(cluster.address, "ROMEO:", cfg)]
-        ckpt = load_checkpoint(checkpoint)
-        ids = ckpt.tokenizer.encode("ROMEO:")
-        local, t0 = [], time.perf_counter()
-        for _ in generate(ckpt.model, ids, cfg):
-            local.append((time.perf_counter() - t0) * 1e3)
-            t0 = time.perf_counter()
-        # Alternating runs, medians of each: the machine's drift weighs on both alike.
-        runs: dict[int, list[float]] = {1: [], concurrency: []}
-        for _ in range(_THROUGHPUT_RUNS):
-            for n in runs:
-                runs[n].append(_tokens_per_s(cluster.address, n, tokens))
-        single, many = statistics.median(runs[1]), statistics.median(runs[concurrency])
+    with tempfile.TemporaryDirectory(prefix="mbt-bench-") as tmp:
+        if d_model is not None:
+            checkpoint = _widened(d_model, Path(tmp))
+        with LocalCluster(checkpoint, Layout(4, 1), gateway_args=per_client) as cluster:
+            fanouts = asyncio.run(_fanouts(cluster, iters, rows))
+            cfg = SamplingConfig(max_new_tokens=tokens, temperature=0, stop_at_eos=False)
+            remote = [e.latency_ms for e in generate_remote(cluster.address, "ROMEO:", cfg)]
+            ckpt = load_checkpoint(checkpoint)
+            ids = ckpt.tokenizer.encode("ROMEO:")
+            local, t0 = [], time.perf_counter()
+            for _ in generate(ckpt.model, ids, cfg):
+                local.append((time.perf_counter() - t0) * 1e3)
+                t0 = time.perf_counter()
+            # Alternating runs, medians of each: the machine's drift weighs on both alike.
+            runs: dict[int, list[float]] = {1: [], concurrency: []}
+            for _ in range(_THROUGHPUT_RUNS):
+                for n in runs:
+                    runs[n].append(_tokens_per_s(cluster.address, n, tokens))
+    single, many = statistics.median(runs[1]), statistics.median(runs[concurrency])
+    result: dict[str, Any] = dict(fanouts[0])
     result.update(
         {
+            "fanouts": fanouts,
             "token_ms_distributed": statistics.median(remote[1:]),
             "token_ms_in_process": statistics.median(local[1:]),
             "tokens_per_s_1": single,
@@ -170,6 +225,16 @@ def run_bench(
     return result
 
 
+def _rows(text: str) -> tuple[int, ...]:
+    try:
+        rows = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected counts like 1,16, got {text!r}") from None
+    if not rows or min(rows) <= 0:
+        raise argparse.ArgumentTypeError("row counts must be positive")
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="mbt-aggregator-bench",
@@ -178,36 +243,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--checkpoint", type=Path, default=None, help="model (default: shipped)")
     p.add_argument(
+        "--d-model",
+        type=int,
+        default=None,
+        help="time an untrained model of the shipped layout this wide instead (payload sizes)",
+    )
+    p.add_argument(
+        "--rows",
+        type=_rows,
+        default=(1,),
+        help="sessions per timed layer step, comma-separated (default 1; e.g. 1,16)",
+    )
+    p.add_argument(
         "--iters", type=int, default=200, help="timed layer steps, echoes and computes (medians)"
     )
     p.add_argument("--tokens", type=int, default=32, help="tokens per generation")
     p.add_argument("--concurrency", type=int, default=32, help="concurrent generations")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    r = run_bench(args.checkpoint, args.iters, args.tokens, args.concurrency)
+    if args.d_model is not None and args.checkpoint is not None:
+        p.error("give --checkpoint or --d-model, not both")
+    try:
+        r = run_bench(
+            args.checkpoint, args.iters, args.tokens, args.concurrency, args.rows, args.d_model
+        )
+    except ValueError as exc:
+        p.error(str(exc))
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
     n = int(r["concurrency"])
-    print("mbt-aggregator-bench: shipped model, 4 node processes, loopback, one run\n")
-    print(f"  layer fan-out + aggregation      {r['layer_step_ms']:8.3f} ms")
-    print(f"  echo fan-out to 4 processes      {r['echo_fanout_ms']:8.3f} ms")
-    print(f"  one branch's compute             {r['branch_compute_ms']:8.3f} ms")
+    model = "shipped model" if args.d_model is None else f"untrained d_model {args.d_model}"
+    if args.checkpoint is not None:
+        model = str(args.checkpoint)
+    print(f"mbt-aggregator-bench: {model}, 4 node processes, loopback, one run\n")
+    for f in r["fanouts"]:
+        shape = f"[{f['rows']}, {f['d_model']}]"
+        print(f"  layer fan-out + aggregation {shape:>10} {f['layer_step_ms']:8.3f} ms")
+        print(f"  echo fan-out to 4 processes {shape:>10} {f['echo_fanout_ms']:8.3f} ms")
+        print(f"  one branch's compute        {shape:>10} {f['branch_compute_ms']:8.3f} ms")
     print(f"  token, distributed greedy        {r['token_ms_distributed']:8.3f} ms")
     print(f"  token, in process                {r['token_ms_in_process']:8.3f} ms")
     print(f"  tokens/s, 1 generation           {r['tokens_per_s_1']:8.1f}")
     print(f"  tokens/s, {n} generations        {r[f'tokens_per_s_{n}']:8.1f}\n")
-    print(
-        f"  fan-out ratio     layer step / (echo fan-out + compute) = {r['fanout_ratio']:.2f}"
-        "  (target <= 1.5)"
-    )
+    for f in r["fanouts"]:
+        target = "  (target <= 1.5)" if f["rows"] == 1 else ""
+        print(
+            f"  fan-out ratio     layer step / (echo fan-out + compute) = {f['fanout_ratio']:.2f}"
+            f"  [{f['rows']}, {f['d_model']}]{target}"
+        )
     print(
         f"  latency ratio     distributed / in-process token        = "
         f"{r['token_latency_ratio']:.2f}"
     )
+    target = "  (target >= 12)" if n == 32 else ""
     print(
         f"  throughput ratio  {n} generations / 1                   = "
-        f"{r['throughput_ratio']:.2f}  (target >= 12)"
+        f"{r['throughput_ratio']:.2f}{target}"
     )
     return 0
 

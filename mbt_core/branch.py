@@ -8,6 +8,7 @@ added by the trunk's embedding, so a branch needs no position index, only its ca
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,17 @@ class KVSlots:
     def free(self, slot: int) -> None:
         self._free.append(slot)
 
+    def slot_views(self, slot: int, block: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of block ``block`` in slot ``slot``, (nh, context, hs) each: views
+        kept until the pool grows, so that a one-session step does not index the pool."""
+        views = self._slot_views.get((slot, block))
+        if views is None:
+            views = self._slot_views[(slot, block)] = (
+                self.keys[block][slot],
+                self.values[block][slot],
+            )
+        return views
+
     def _zeros(self, slots: int) -> Tensor:
         shape = (self._blocks, 2, slots, *self._shape)
         return torch.zeros(shape, dtype=self._dtype, device=self._device)
@@ -111,6 +123,7 @@ class KVSlots:
     def _views(self) -> None:
         self.keys = [self.kv[i, 0] for i in range(self._blocks)]  # (slots, nh, context, hs)
         self.values = [self.kv[i, 1] for i in range(self._blocks)]
+        self._slot_views: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
 
 @dataclass
@@ -135,11 +148,10 @@ class SlotCache(BranchCache):
     def extend(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         assert self.slots is not None and k.shape[0] == 1
         end = self.length + k.shape[2]
-        buf_k, buf_v = self.slots.keys[i], self.slots.values[i]
-        buf_k[self.slot, :, self.length : end] = k[0]
-        buf_v[self.slot, :, self.length : end] = v[0]
-        s = self.slot
-        return buf_k[s : s + 1, :, :end], buf_v[s : s + 1, :, :end]
+        own_k, own_v = self.slots.slot_views(self.slot, i)  # (nh, context, hs) each
+        own_k[:, self.length : end] = k[0]
+        own_v[:, self.length : end] = v[0]
+        return own_k[None, :, :end], own_v[None, :, :end]
 
 
 class _UniformKV:
@@ -240,6 +252,8 @@ _KV = _UniformKV | _RaggedKV
 
 
 class CausalSelfAttention(nn.Module):
+    """Holds the attention's parameters; :class:`Block` runs the math (see :func:`_attend`)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -248,21 +262,58 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor, kv: _KV, index: int) -> Tensor:
-        b, t, c = x.shape
-        nh, hs = self.n_heads, c // self.n_heads
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(b, t, 3, nh, hs)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
-        y = kv.attend(index, q, k, v, self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(b, t, c)  # (B, T, C)
-        return F.linear(y, self.proj.weight, self.proj.bias)
+        dropout = self.dropout if self.training else 0.0
+        qkv, proj = self.qkv, self.proj
+        return _attend(
+            x, qkv.weight, qkv.bias, proj.weight, proj.bias, self.n_heads, kv, index, dropout
+        )
+
+
+def _attend(
+    x: Tensor,
+    qkv_w: Tensor,
+    qkv_b: Tensor,
+    proj_w: Tensor,
+    proj_b: Tensor,
+    heads: int,
+    kv: _KV,
+    index: int,
+    dropout: float,
+) -> Tensor:
+    b, t, c = x.shape
+    qkv = F.linear(x, qkv_w, qkv_b).view(b, t, 3, heads, c // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
+    y = kv.attend(index, q, k, v, dropout)
+    y = y.transpose(1, 2).reshape(b, t, c)  # (B, T, C)
+    return F.linear(y, proj_w, proj_b)
+
+
+class _Weights(NamedTuple):
+    """A block's parameters (and settings) gathered in one tuple."""
+
+    ln1: tuple[tuple[int, ...], Tensor, Tensor, float]  # normalized shape, weight, bias, eps
+    qkv_w: Tensor
+    qkv_b: Tensor
+    proj_w: Tensor
+    proj_b: Tensor
+    heads: int
+    ln2: tuple[tuple[int, ...], Tensor, Tensor, float]
+    fc_w: Tensor
+    fc_b: Tensor
+    approximate: str  # the GELU's
+    out_w: Tensor
+    out_b: Tensor
 
 
 class Block(nn.Module):
     """Pre-LN transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``.
 
-    The forward applies the functional ops to the submodules' parameters: on a one-token
-    decode step, calling nine modules costs a fifth of the whole step. The submodules stay, so
-    the parameters keep their names in checkpoints and artifacts.
+    The forward applies the functional ops to the parameters, gathered once in a tuple: on a
+    one-token decode step, calling nine modules and looking up their parameters through
+    nn.Module's attributes costs a third of the whole step. The submodules stay, so the
+    parameters keep their names in checkpoints and artifacts. The tuple holds the Parameter
+    objects themselves (in-place updates, optimizer steps and ``load_state_dict`` show through)
+    and is rebuilt after ``to()`` and ``load_state_dict``, which may replace them.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -277,16 +328,44 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(cfg.dropout)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Block:
+        self.__dict__.pop("_gathered", None)
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__.pop("_gathered", None)  # load_state_dict(assign=True) swaps parameters
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _weights(self) -> _Weights:
+        gathered = self.__dict__.get("_gathered")
+        if gathered is None:
+            ln1, attn, ln2 = self.ln1, self.attn, self.ln2
+            fc, act, out = self.mlp
+            gathered = _Weights(
+                (ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps),
+                attn.qkv.weight,
+                attn.qkv.bias,
+                attn.proj.weight,
+                attn.proj.bias,
+                attn.n_heads,
+                (ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps),
+                fc.weight,
+                fc.bias,
+                act.approximate,
+                out.weight,
+                out.bias,
+            )
+            self.__dict__["_gathered"] = gathered  # a plain attribute, not a registered one
+        return gathered
+
     def forward(self, x: Tensor, kv: _KV, index: int) -> Tensor:
+        w = self._weights()
         p = self.drop.p if self.training else 0.0  # at inference dropout is the identity
-        ln1, ln2 = self.ln1, self.ln2
-        fc, act, out = self.mlp
-        h = F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)
-        a = self.attn.forward(h, kv, index)
+        h = F.layer_norm(x, *w.ln1)
+        a = _attend(h, w.qkv_w, w.qkv_b, w.proj_w, w.proj_b, w.heads, kv, index, p)
         x = x + (F.dropout(a, p, True) if p > 0 else a)
-        h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
-        h = F.gelu(F.linear(h, fc.weight, fc.bias), approximate=act.approximate)
-        m = F.linear(h, out.weight, out.bias)
+        h = F.gelu(F.linear(F.layer_norm(x, *w.ln2), w.fc_w, w.fc_b), approximate=w.approximate)
+        m = F.linear(h, w.out_w, w.out_b)
         return x + (F.dropout(m, p, True) if p > 0 else m)
 
 
@@ -330,7 +409,9 @@ class Branch(nn.Module):
         for cache, t in zip(caches, lengths, strict=True):
             self._check_room(cache, t)
         if len(caches) == 1:  # nothing to pad: the plain cached path, bit for bit the same
-            return self.forward(packed[None], caches[0])[0]
+            out = self._run(packed[None], _UniformKV(caches[0]))[0]
+            caches[0].length += lengths[0]  # every block succeeded
+            return out
         t = lengths[0]
         uniform = all(n == t for n in lengths)  # decode steps: one position each, no padding
         if uniform:

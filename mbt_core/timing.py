@@ -12,23 +12,29 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import torch
 
-from mbt_core.branch import Branch
+from mbt_core.branch import Branch, KVSlots
 
 Timed = Callable[[], Awaitable[object]]
 
 
-def branch_step(branch: Branch, prefix: int) -> Timed:
-    """One decode step of ``branch`` in this process after ``prefix`` cached positions, rolled
-    back each time: the compute a node must do for a one-token step."""
+def branch_step(branch: Branch, prefix: int, sessions: int = 1) -> Timed:
+    """One decode step of ``branch`` for ``sessions`` sessions at once in this process, each
+    after ``prefix`` cached positions and rolled back each time: the compute a node must do
+    for a one-token step of that many sessions (their caches in one slot pool, as a node keeps
+    them)."""
     d = branch.cfg.d_model
-    cache, x = branch.new_cache(), torch.randn(1, d)
+    pool = KVSlots(branch.cfg, torch.float32, "cpu")
+    caches = [pool.new_cache() for _ in range(sessions)]
+    x = torch.randn(sessions, d)
     with torch.inference_mode():
-        branch.forward_ragged(torch.randn(prefix, d), [cache], [prefix])
+        for cache in caches:
+            branch.forward_ragged(torch.randn(prefix, d), [cache], [prefix])
 
     async def step() -> None:
         with torch.inference_mode():
-            cache.truncate(prefix)
-            branch.forward_ragged(x, [cache], [1])
+            for cache in caches:
+                cache.truncate(prefix)
+            branch.forward_ragged(x, caches, [1] * sessions)
 
     return step
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from mbt_aggregator.bench import main as bench_main
 from mbt_aggregator.bench import run_bench
 from mbt_aggregator.local_cluster import Layout
 
@@ -61,7 +62,7 @@ def test_mbt_cluster_generates_and_reports_every_branch() -> None:
 
 
 def test_gateway_benchmark_smoke() -> None:
-    r = run_bench(iters=5, tokens=4, concurrency=2)
+    r = run_bench(iters=5, tokens=4, concurrency=2, rows=(1, 3))
     for key in (
         "layer_step_ms",
         "echo_fanout_ms",
@@ -72,7 +73,28 @@ def test_gateway_benchmark_smoke() -> None:
         "tokens_per_s_2",
     ):
         assert r[key] > 0, key
-    assert r["fanout_ratio"] == pytest.approx(
-        r["layer_step_ms"] / (r["echo_fanout_ms"] + r["branch_compute_ms"])
-    )
+    assert [f["rows"] for f in r["fanouts"]] == [1, 3] and r["rows"] == 1
+    for f in r["fanouts"]:
+        assert f["d_model"] == 128 and f["layer_step_ms"] > 0
+        assert f["fanout_ratio"] == pytest.approx(
+            f["layer_step_ms"] / (f["echo_fanout_ms"] + f["branch_compute_ms"])
+        )
+    assert r["fanout_ratio"] == r["fanouts"][0]["fanout_ratio"]
     assert r["throughput_ratio"] == pytest.approx(r["tokens_per_s_2"] / r["tokens_per_s_1"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rows", "1,x"], "expected counts like 1,16"),
+        (["--rows", "0"], "row counts must be positive"),
+        (["--d-model", "130"], "--d-model must be a positive multiple of 4"),
+        (["--d-model", "64", "--checkpoint", "m.safetensors"], "not both"),
+    ],
+)
+def test_gateway_benchmark_refuses_bad_options(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

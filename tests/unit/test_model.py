@@ -166,3 +166,20 @@ def test_per_sequence_mask_equals_each_sequence_with_its_own_mask(
         for s in range(2):
             alone = tiny_model(idx[s : s + 1], masks=[m[:, s] for m in row_masks])
             assert (both[s] - alone[0]).abs().max().item() < 1e-5
+
+
+def test_a_block_sees_its_parameters_after_they_are_replaced() -> None:
+    """Blocks gather their parameters once for speed: a conversion (``to``) or a load that
+    assigns new tensors must still be what the next forward computes with."""
+    cfg = ModelConfig(
+        vocab_size=64, d_model=16, n_heads=2, context_length=16, n_layers=1, branches=(2,)
+    )
+    torch.manual_seed(0)
+    model, other = MBTLanguageModel(cfg).eval(), MBTLanguageModel(cfg).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        before = model(ids)
+        model.load_state_dict(other.state_dict(), assign=True)
+        assert torch.equal(model(ids), other(ids)) and not torch.equal(before, other(ids))
+        model.to(torch.float64)
+        assert model(ids).dtype == torch.float64
