@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mbt_aggregator.remote import Credentials
+from mbt_core.calibration import calibrated_bounds
 from mbt_core.certs import init_ca, issue_cert
 from mbt_core.checkpoint import load_checkpoint
-from mbt_core.commands.export import calibrated_bounds
 from mbt_core.export import export_artifacts
 from mbt_core.manifest import read_manifest
 from mbt_core.process import ManagedProcess, start_process

@@ -12,14 +12,19 @@ calibrated norm, so healthy outputs on new text pass through bit for bit.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from mbt_core.data import token_stream
+from mbt_core.data import evaluation_texts, token_stream
 from mbt_core.manifest import NormBound
 from mbt_core.model import MBTLanguageModel
 from mbt_core.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from mbt_core.checkpoint import Checkpoint
 
 DEFAULT_LEVEL = 0.999  # the quantile recorded beside the maximum
 DEFAULT_MARGIN = 2.0  # bound = margin x largest calibrated norm; unseen text reached 1.25x
@@ -138,3 +143,15 @@ def check_outputs(
     clipped = torch.where(over[..., None], scaled, outputs)
     clipped = torch.where(rejected[..., None], torch.zeros_like(outputs), clipped)
     return clipped, rejected
+
+
+def calibrated_bounds(
+    ckpt: Checkpoint,
+    text: Path | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    margin: float = DEFAULT_MARGIN,
+) -> tuple[dict[tuple[int, int], NormBound], int]:
+    """Every branch's output-norm bound from ``text`` (default: the shipped validation works),
+    and the number of tokens they were calibrated on."""
+    ids = calibration_tokens(ckpt.tokenizer, evaluation_texts(text), tokens)
+    return branch_norm_bounds(ckpt.model, ids, margin=margin), ids.numel()

@@ -67,3 +67,10 @@ def random_batch(
     x = torch.stack([stream[s : s + length] for s in starts.tolist()])
     y = torch.stack([stream[s + 1 : s + length + 1] for s in starts.tolist()])
     return x, y
+
+
+def evaluation_texts(path: Path | None) -> list[str]:
+    """The given file's text, or the shipped corpus's validation works."""
+    if path is not None:
+        return list(read_texts(path).values())
+    return split_texts(read_texts(default_corpus_path()))[1]

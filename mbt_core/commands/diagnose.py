@@ -12,8 +12,7 @@ import json
 from pathlib import Path
 
 from mbt_core.commands.common import add_model_arguments, load_model
-from mbt_core.commands.evaluate import evaluation_texts
-from mbt_core.data import token_stream
+from mbt_core.data import evaluation_texts, token_stream
 from mbt_core.diagnostics import diagnose
 
 _COLUMNS = (

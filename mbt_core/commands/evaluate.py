@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from mbt_core.commands.common import add_model_arguments, load_model
-from mbt_core.data import default_corpus_path, read_texts, split_texts, token_stream
+from mbt_core.data import evaluation_texts, token_stream
 from mbt_core.evaluate import outage_table
 from mbt_core.service import add_gateway_client_arguments
 
@@ -27,13 +27,6 @@ def _fractions(text: str) -> tuple[float, ...]:
     if any(not 0.0 <= f < 1.0 for f in values):
         raise argparse.ArgumentTypeError("outage fractions must be in [0, 1)")
     return values
-
-
-def evaluation_texts(path: Path | None) -> list[str]:
-    """The given file's text, or the shipped corpus's validation works."""
-    if path is not None:
-        return list(read_texts(path).values())
-    return split_texts(read_texts(default_corpus_path()))[1]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,16 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mbt_core.calibration import (
-    DEFAULT_MARGIN,
-    DEFAULT_TOKENS,
-    branch_norm_bounds,
-    calibration_tokens,
-)
-from mbt_core.checkpoint import Checkpoint, load_checkpoint
-from mbt_core.commands.evaluate import evaluation_texts
+from mbt_core.calibration import DEFAULT_MARGIN, DEFAULT_TOKENS, calibrated_bounds
+from mbt_core.checkpoint import load_checkpoint
 from mbt_core.export import DEFAULT_MODEL_ID, export_artifacts
-from mbt_core.manifest import NormBound, format_time, manifest_digest
+from mbt_core.manifest import format_time, manifest_digest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,18 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MARGIN,
         help="bound = margin x the largest output norm seen in calibration",
     )
-
-
-def calibrated_bounds(
-    ckpt: Checkpoint,
-    text: Path | None = None,
-    tokens: int = DEFAULT_TOKENS,
-    margin: float = DEFAULT_MARGIN,
-) -> tuple[dict[tuple[int, int], NormBound], int]:
-    """Every branch's output-norm bound from ``text`` (default: the shipped validation works),
-    and the number of tokens they were calibrated on."""
-    ids = calibration_tokens(ckpt.tokenizer, evaluation_texts(text), tokens)
-    return branch_norm_bounds(ckpt.model, ids, margin=margin), ids.numel()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,8 +38,8 @@ from mbt_aggregator.policy import FanoutPolicy
 from mbt_aggregator.registry import Node, Registry
 from mbt_core.calibration import branch_norm_bounds, calibration_tokens
 from mbt_core.checkpoint import load_checkpoint
-from mbt_core.commands.evaluate import evaluation_texts
 from mbt_core.config import AggregationConfig
+from mbt_core.data import evaluation_texts
 from mbt_core.discovery import format_branches, parse_branches
 from mbt_core.export import export_artifacts
 from mbt_core.manifest import NormBound
