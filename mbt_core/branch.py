@@ -97,6 +97,18 @@ class KVSlots:
     def free(self, slot: int) -> None:
         self._free.append(slot)
 
+    def clear(self, cuts: list[tuple[int, int, int]]) -> None:
+        """Zero positions ``start..end`` of each ``(slot, start, end)``: one op for all of them
+        (a batch that rolls back many sessions at once would otherwise pay one per session)."""
+        cuts = [c for c in cuts if c[2] > c[1]]
+        if len(cuts) == 1:
+            slot, start, end = cuts[0]
+            self.kv[:, :, slot, :, start:end] = 0
+        elif cuts:
+            slots = torch.tensor([slot for slot, a, b in cuts for _ in range(a, b)])
+            positions = torch.tensor([p for _, a, b in cuts for p in range(a, b)])
+            self.kv[:, :, slots.to(self.kv.device), :, positions.to(self.kv.device)] = 0
+
     def slot_views(self, slot: int, block: int) -> tuple[Tensor, Tensor]:
         """Keys and values of block ``block`` in slot ``slot``, (nh, context, hs) each: views
         kept until the pool grows, so that a one-session step does not index the pool."""
@@ -135,10 +147,7 @@ class SlotCache(BranchCache):
     _released: bool = False
 
     def truncate(self, length: int) -> None:
-        old = self.length
-        super().truncate(length)
-        assert self.slots is not None
-        self.slots.kv[:, :, self.slot, :, length:old] = 0
+        truncate_all([(self, length)])
 
     def release(self) -> None:
         if self.slots is not None and not self._released:
@@ -152,6 +161,21 @@ class SlotCache(BranchCache):
         own_k[:, self.length : end] = k[0]
         own_v[:, self.length : end] = v[0]
         return own_k[None, :, :end], own_v[None, :, :end]
+
+
+def truncate_all(cuts: list[tuple[BranchCache, int]]) -> None:
+    """Truncate each cache to its length; the slot caches of one pool are zeroed past their
+    new lengths together (see :meth:`KVSlots.clear`)."""
+    pools: dict[int, tuple[KVSlots, list[tuple[int, int, int]]]] = {}
+    for cache, length in cuts:
+        old = cache.length
+        BranchCache.truncate(cache, length)
+        if isinstance(cache, SlotCache) and cache.slots is not None:
+            pools.setdefault(id(cache.slots), (cache.slots, []))[1].append(
+                (cache.slot, length, old)
+            )
+    for pool, pool_cuts in pools.values():
+        pool.clear(pool_cuts)
 
 
 class _UniformKV:

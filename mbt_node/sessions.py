@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import grpc
 
-from mbt_core.branch import BranchCache
+from mbt_core.branch import BranchCache, truncate_all
 from mbt_core.discovery import CACHE_LENGTH_METADATA
 from mbt_node.config import NodeLimits
 from mbt_node.status import StatusError
@@ -74,21 +74,21 @@ class SessionStore:
         with self._lock:
             self._sweep()
             now = self._clock()
-            new_sessions = {s.session_id for s in steps} - set(self._sessions)
-            if len(self._sessions) + len(new_sessions) > self._limits.max_sessions:
+            found = [self._entries.get((s.session_id, key)) for s in steps]
+            new_sessions = sum(1 for s in steps if s.session_id not in self._sessions)
+            if new_sessions and len(self._sessions) + new_sessions > self._limits.max_sessions:
                 raise StatusError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"node holds {len(self._sessions)} sessions, limit {self._limits.max_sessions}",
                 )
             growth = 0
-            for s in steps:
+            for s, entry in zip(steps, found, strict=True):
                 if s.start + s.length > self._context:
                     raise StatusError(
                         grpc.StatusCode.OUT_OF_RANGE,
                         f"session {s.session_id}: positions {s.start}..{s.start + s.length} "
                         f"exceed the context length {self._context}",
                     )
-                entry = self._entries.get((s.session_id, key))
                 current = 0 if entry is None else entry.cache.length
                 if s.start > current:
                     raise StatusError(
@@ -105,19 +105,20 @@ class SessionStore:
                     f"node caches {self._reserved} positions, "
                     f"limit {self._limits.max_cached_tokens}",
                 )
-            caches = []
-            for s in steps:
-                entry = self._entries.get((s.session_id, key))
+            caches, rollbacks = [], []
+            for s, entry in zip(steps, found, strict=True):
                 if entry is None:
                     entry = _Entry(self._new_cache(key), now)
                     self._entries[(s.session_id, key)] = entry
                     self._sessions.setdefault(s.session_id, set()).add(key)
                 elif s.start < entry.cache.length:
-                    entry.cache.truncate(s.start)  # rollback: recompute from here
+                    rollbacks.append((entry.cache, s.start))  # recompute from there
                 entry.last_used = now
                 self._reserved += s.start + s.length - entry.reserved
                 entry.reserved = s.start + s.length
                 caches.append(entry.cache)
+            if rollbacks:
+                truncate_all(rollbacks)
             return caches
 
     def end(self, session_id: str) -> int:

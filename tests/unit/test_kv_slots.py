@@ -3,7 +3,7 @@ block, and must compute what each session computes alone with a cache of its own
 
 import torch
 
-from mbt_core.branch import Branch, KVSlots, SlotCache
+from mbt_core.branch import Branch, KVSlots, SlotCache, truncate_all
 from mbt_core.config import ModelConfig
 
 
@@ -134,3 +134,24 @@ def test_rollback_in_a_slot_recomputes_in_a_batch(tiny_config: ModelConfig) -> N
     assert (redo[:2] - alone_x[4:6]).abs().max().item() < 1e-5
     assert (redo[2:] - alone_y[10:]).abs().max().item() < 1e-5
     assert (a.length, b.length) == (6, 11)
+
+
+def test_many_sessions_roll_back_together_and_forget_only_what_they_cut(
+    tiny_config: ModelConfig,
+) -> None:
+    """A batch's rollbacks are zeroed in one op per pool: each cache loses exactly the
+    positions past its new length (the others of its slot, and other slots, stay)."""
+    branch, d = _branch(tiny_config), tiny_config.d_model
+    pool = KVSlots(tiny_config, torch.float32, "cpu")
+    caches = [pool.new_cache() for _ in range(4)]
+    with torch.inference_mode():
+        branch.forward_ragged(torch.randn(4 * 9, d), caches, [9] * 4)
+    before = pool.kv.clone()
+    cuts = [(caches[0], 3), (caches[1], 9), (caches[2], 0), (caches[3], 8)]  # one is no cut
+    truncate_all(cuts)  # type: ignore[arg-type]
+    assert [c.length for c in caches] == [3, 9, 0, 8]
+    expected = before.clone()
+    for cache, length in cuts:
+        expected[:, :, cache.slot, :, length:9] = 0
+    assert torch.equal(pool.kv, expected)
+    assert not torch.equal(pool.kv[:, :, caches[1].slot], torch.zeros_like(pool.kv[:, :, 0]))
