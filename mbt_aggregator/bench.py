@@ -123,6 +123,7 @@ async def _fanout(cluster: LocalCluster, iters: int, rows: int = 1) -> dict[str,
             proc.wait()
         for session in sessions:
             await engine.end_session(session)
+        await engine.close()
         for node in registry.nodes:
             await node.client.close()
     med = {name: statistics.median(v) for name, v in times.items()}

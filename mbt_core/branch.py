@@ -334,7 +334,7 @@ class Block(nn.Module):
 
     The forward applies the functional ops to the parameters, gathered once in a tuple: on a
     one-token decode step, calling nine modules and looking up their parameters through
-    nn.Module's attributes costs a third of the whole step. The submodules stay, so the
+    nn.Module's attributes costs a fifth of the whole step. The submodules stay, so the
     parameters keep their names in checkpoints and artifacts. The tuple holds the Parameter
     objects themselves (in-place updates, optimizer steps and ``load_state_dict`` show through)
     and is rebuilt after ``to()`` and ``load_state_dict``, which may replace them.
