@@ -199,21 +199,11 @@ class NodeClient:
         except grpc.aio.AioRpcError as exc:
             raise self._translate(exc) from exc
 
-    async def forward(
-        self,
-        layer: int,
-        branches: Sequence[int],
-        steps: Sequence[StepSpec | pb.SessionStep],
-        inputs: torch.Tensor | pb.Tensor,
-        timeout_s: float,
-    ) -> tuple[dict[int, torch.Tensor], float]:
-        """Outputs per branch (packed like ``inputs``) and the node's compute seconds."""
-        return await self.send(Payload.of(layer, steps, inputs), branches, timeout_s)
-
     async def send(
         self, payload: Payload, branches: Sequence[int], timeout_s: float
     ) -> tuple[dict[int, torch.Tensor], float]:
-        """:meth:`forward` of a payload serialized already (one serves a whole fan-out)."""
+        """A Forward of ``payload`` (one serves a whole fan-out) for ``branches``: outputs per
+        branch, packed like the payload's inputs, and the node's compute seconds."""
         request_id = next(self._ids)
         if self._stream is None or self._stream.closed:
             self._stream = _Stream(self._channel, self.address)

@@ -137,16 +137,14 @@ class Registry:
 
     def replicas(self, key: BranchKey) -> list[Node]:
         """Usable replicas of one branch, fastest first (never a quarantined one)."""
-        now = self._clock()
-        found = [n for n in self._nodes.values() if key in n.branches and self._usable(n, now)]
-        # By latency alone: a replica whose back-off ran out competes again on its speed (a
-        # failure count in the key would keep a once-paused node last forever).
-        return sorted(found, key=lambda n: n.latency_estimate())
+        return self.layer_replicas(key[0], key[1] + 1).get(key[1], [])
 
     def layer_replicas(self, layer: int, branches: int) -> dict[int, list[Node]]:
         """:meth:`replicas` of branches ``0..branches-1`` of ``layer`` at once, in branch
         order (branches without a usable replica left out): one pass over the nodes for the
-        whole fan-out, and no sort where a branch has one replica."""
+        whole fan-out, and no sort where a branch has one replica. Sorted by latency alone: a
+        replica whose back-off ran out competes again on its speed (a failure count in the key
+        would keep a once-paused node last forever)."""
         now = self._clock()
         found: dict[int, list[Node]] = {}
         for node in self._nodes.values():

@@ -105,9 +105,10 @@ class KVSlots:
             slot, start, end = cuts[0]
             self.kv[:, :, slot, :, start:end] = 0
         elif cuts:
-            slots = torch.tensor([slot for slot, a, b in cuts for _ in range(a, b)])
-            positions = torch.tensor([p for _, a, b in cuts for p in range(a, b)])
-            self.kv[:, :, slots.to(self.kv.device), :, positions.to(self.kv.device)] = 0
+            device = self.kv.device
+            slots = torch.tensor([slot for slot, a, b in cuts for _ in range(a, b)], device=device)
+            positions = torch.tensor([p for _, a, b in cuts for p in range(a, b)], device=device)
+            self.kv[:, :, slots, :, positions] = 0
 
     def slot_views(self, slot: int, block: int) -> tuple[Tensor, Tensor]:
         """Keys and values of block ``block`` in slot ``slot``, (nh, context, hs) each: views
@@ -304,6 +305,7 @@ def _attend(
     index: int,
     dropout: float,
 ) -> Tensor:
+    """Causal self-attention of ``x`` (B, T, C) over ``kv``'s keys and values."""
     b, t, c = x.shape
     qkv = F.linear(x, qkv_w, qkv_b).view(b, t, 3, heads, c // heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
@@ -361,6 +363,7 @@ class Block(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _weights(self) -> _Weights:
+        """The gathered parameters, gathered now if they are not."""
         gathered = self.__dict__.get("_gathered")
         if gathered is None:
             ln1, attn, ln2 = self.ln1, self.attn, self.ln2
