@@ -7,17 +7,25 @@ TLS only the claim and ``Describe``'s answer can be compared. Then membership: w
 roster or an allow-list, the id must be on it. Then the model: the node must report the
 manifest's model id, version and digest, and for every branch it serves the artifact hash the
 manifest lists. Rejections carry a short reason for metrics (identity, roster, tls, ...).
+
+An admitted node carries what its ``Describe`` said about calls (limits per Forward, its
+per-caller session quota) and the dtype its layer inputs will travel in: the gateway's
+``--wire-dtype``, or by default the dtype the node computes in.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from mbt_aggregator.client import NodeCallError, NodeClient
+from mbt_aggregator.fit import CallLimits
 from mbt_aggregator.identity import ClusterTls, IdentityError, presented_node_id
 from mbt_aggregator.registry import Node
+from mbt_core.codec import torch_dtype
 from mbt_core.discovery import PROTOCOL_VERSION
-from mbt_core.errors import MbtError
+from mbt_core.errors import CodecError, MbtError
 from mbt_core.manifest import Manifest, manifest_digest
 from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
 
@@ -67,10 +75,12 @@ async def admit(
     timeout_s: float,
     tls: ClusterTls | None = None,
     claimed_id: str | None = None,
+    wire_dtype: torch.dtype | None = None,
 ) -> Node:
     """The node at ``address`` as a :class:`Node`, or :class:`Rejected`.
 
-    ``claimed_id`` is the id an mDNS record announced for this address (None: a static peer).
+    ``claimed_id`` is the id an mDNS record announced for this address (None: a static peer);
+    ``wire_dtype`` the dtype to send it (None: the one it computes in).
     """
     node_id = claimed_id
     if tls is not None:
@@ -90,11 +100,32 @@ async def admit(
         _check_claim(address, (info.node_id, "Describe reports"), (node_id, source))
         _check_membership(address, info.node_id, expect)
         _check(address, info, expect)
+        try:
+            computes_in = torch_dtype(info.dtype)
+        except CodecError as exc:
+            raise Rejected(address, "protocol", f"computes in {exc}") from exc
     except BaseException:
         await client.close()
         raise
     branches = frozenset((b.layer, b.branch) for b in info.branches)
-    return Node(node_id=info.node_id, address=address, client=client, branches=branches)
+    lim = info.limits
+    # The worst case of one session: every served branch caches a whole context window.
+    per_session = max(1, info.context_length * len(branches))
+    quota = min(
+        lim.max_sessions_per_caller or 1 << 30,
+        (lim.max_cached_tokens_per_caller or 1 << 62) // per_session,
+    )
+    return Node(
+        node_id=info.node_id,
+        address=address,
+        client=client,
+        branches=branches,
+        limits=CallLimits.reported(
+            lim.max_steps_per_call, lim.max_tokens_per_call, lim.max_message_bytes
+        ),
+        wire_dtype=wire_dtype or computes_in,
+        session_quota=max(1, quota),
+    )
 
 
 def _check_claim(address: str, actual: tuple[str, str], expected: tuple[str | None, str]) -> None:

@@ -33,12 +33,13 @@ from prometheus_client import CollectorRegistry
 
 from mbt_aggregator.client import NodeClient
 from mbt_aggregator.defense import Defense, DefenseConfig
-from mbt_aggregator.engine import Engine, Session
+from mbt_aggregator.engine import Engine
 from mbt_aggregator.local_cluster import Layout, LocalCluster
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.policy import FanoutPolicy
 from mbt_aggregator.registry import Node, Registry
 from mbt_aggregator.remote import generate_remote
+from mbt_aggregator.session import Session
 from mbt_core.checkpoint import load_checkpoint, save_checkpoint
 from mbt_core.codec import encode
 from mbt_core.config import AggregationConfig
@@ -95,7 +96,10 @@ async def _fanout(cluster: LocalCluster, iters: int, rows: int = 1) -> dict[str,
         layer=0,
         branches=[0],
         inputs=encode(torch.cat(xs)),
-        steps=[pb.SessionStep(session_id=f"{i:032d}", start=PREFIX, length=1) for i in range(rows)],
+        steps=[
+            pb.SessionStep(session_id=f"{i:032d}", start=PREFIX, length=1, secret=b"e" * 16)
+            for i in range(rows)
+        ],
     ).SerializeToString()
 
     async def layer_step() -> None:
@@ -194,7 +198,8 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="mbt-bench-") as tmp:
         if d_model is not None:
             checkpoint = _widened(d_model, Path(tmp))
-        with LocalCluster(checkpoint, Layout(4, 1), gateway_args=per_client) as cluster:
+        # Plaintext, as its echo baseline: the ratios compare like with like.
+        with LocalCluster(checkpoint, Layout(4, 1), gateway_args=per_client, tls=False) as cluster:
             fanouts = asyncio.run(_fanouts(cluster, iters, rows))
             cfg = SamplingConfig(max_new_tokens=tokens, temperature=0, stop_at_eos=False)
             remote = [e.latency_ms for e in generate_remote(cluster.address, "ROMEO:", cfg)]

@@ -8,7 +8,8 @@ it, so its cache has no hole.
 
 gRPC errors are translated here, at the boundary: a node that reports missing cache positions
 raises :class:`CacheGap` with its length, so the caller can replay; anything else raises
-:class:`NodeCallError` with the status code.
+:class:`NodeCallError` with the status code. Outputs come back in the wire dtype the request
+was sent in and are handed on as float32 (what the trunk fuses in).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mbt_core.certs import TlsMaterial, node_id_hostname
 from mbt_core.codec import decode, encode
@@ -52,6 +54,7 @@ class StepSpec:
     session_id: str
     start: int
     length: int
+    secret: bytes  # binds the session to this gateway (protocol version 2)
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,9 @@ class Payload:
         wire_steps = [
             s
             if isinstance(s, pb.SessionStep)
-            else pb.SessionStep(session_id=s.session_id, start=s.start, length=s.length)
+            else pb.SessionStep(
+                session_id=s.session_id, start=s.start, length=s.length, secret=s.secret
+            )
             for s in steps
         ]
         tensor = inputs if isinstance(inputs, pb.Tensor) else encode(inputs)
@@ -92,6 +97,7 @@ class Payload:
 
 
 _FORWARD_STREAM = "/mbt.v1.BranchService/ForwardStream"
+BRANCH_SERVICE = pb.DESCRIPTOR.services_by_name["BranchService"].full_name
 
 
 class _Stream:
@@ -185,6 +191,7 @@ class NodeClient:
             node_id,
         )
         self._stub = pb_grpc.BranchServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._stream: _Stream | None = None
         self._ids = itertools.count(1)
 
@@ -198,6 +205,17 @@ class NodeClient:
             return await self._stub.Describe(pb.DescribeRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self._translate(exc) from exc
+
+    async def serving(self, timeout_s: float) -> bool:
+        """Whether the node's gRPC health service says its branches are being served (False
+        while it loads or drains, and when it does not answer)."""
+        try:
+            reply = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=BRANCH_SERVICE), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def send(
         self, payload: Payload, branches: Sequence[int], timeout_s: float
@@ -221,7 +239,7 @@ class NodeClient:
             cache = e.cache_length if e.HasField("cache_length") else None
             raise self._error(_CODES.get(e.code, grpc.StatusCode.UNKNOWN), e.details, cache)
         response = reply.response
-        outputs = {o.branch: decode(o.outputs) for o in response.outputs}
+        outputs = {o.branch: decode(o.outputs).float() for o in response.outputs}
         if len(outputs) != len(branches) or any(b not in outputs for b in branches):
             raise NodeCallError(
                 self.address,
@@ -230,10 +248,10 @@ class NodeClient:
             )
         return outputs, response.compute_seconds
 
-    async def end_session(self, session_id: str, timeout_s: float) -> int:
+    async def end_session(self, session_id: str, secret: bytes, timeout_s: float) -> int:
         try:
             reply = await self._stub.EndSession(
-                pb.EndSessionRequest(session_id=session_id), timeout=timeout_s
+                pb.EndSessionRequest(session_id=session_id, secret=secret), timeout=timeout_s
             )
         except grpc.aio.AioRpcError as exc:
             raise self._translate(exc) from exc

@@ -9,8 +9,11 @@ from mbt_aggregator.auth import ApiAuth
 from mbt_aggregator.defense import DefenseConfig
 from mbt_aggregator.engine import BatchingConfig
 from mbt_aggregator.policy import FanoutPolicy
+from mbt_core.codec import DTYPES
 from mbt_core.config import AggregationConfig
-from mbt_core.service import TlsConfig, TrustConfig
+from mbt_core.service import TlsConfig, TrustConfig, check_transport
+
+WIRE_DTYPES = ("auto", *DTYPES)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class AggregatorConfig:
     allowed_node_ids: frozenset[str] | None = None
     roster: Path | None = None  # signed roster (mbt roster sign): only its node ids are admitted
     tls: TlsConfig = field(default_factory=TlsConfig)  # mTLS to nodes, TLS to clients
+    insecure: bool = False  # plaintext: only when asked for (secure by default)
+    # What layer inputs and branch outputs travel in: auto = each node's own compute dtype.
+    wire_dtype: str = "auto"
     api_auth: ApiAuth = field(default_factory=ApiAuth)  # who may call the gateway API
     policy: FanoutPolicy = field(default_factory=FanoutPolicy)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
@@ -60,5 +66,8 @@ class AggregatorConfig:
     def __post_init__(self) -> None:
         if self.api_auth.mode == "cert" and not self.tls.enabled:
             raise ValueError("--api-auth cert needs --tls-cert, --tls-key and --tls-ca")
+        check_transport(self.tls, self.insecure)
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)}")
         if not self.mdns and not self.peers:
             raise ValueError("with --no-mdns, give the nodes with --peers HOST:PORT,...")

@@ -16,7 +16,6 @@ import asyncio
 import functools
 import logging
 import time
-import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -27,14 +26,15 @@ from torch import Tensor
 
 from mbt_aggregator.client import CacheGap, NodeCallError, Payload, StepSpec
 from mbt_aggregator.defense import OFF, Defense, Screened, account
+from mbt_aggregator.fit import fits, plan_calls
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.policy import Collected, FanoutPolicy, collect
 from mbt_aggregator.registry import Node, Registry
+from mbt_aggregator.session import Ender, LayerInputs, Session, SessionSlots
 from mbt_core.aggregate import aggregate
 from mbt_core.config import AggregationConfig
 from mbt_core.errors import NoBranchAvailable, QuorumNotReached
 from mbt_core.model import MBTLanguageModel
-from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
 
 log = logging.getLogger("mbt_aggregator")
 
@@ -54,43 +54,6 @@ class LayerReport(NamedTuple):
     branches: tuple[BranchReport, ...]
     latency_s: float
     lost_weight: float
-
-
-class LayerInputs:
-    """One layer's inputs of a session, position by position, kept for replays: a buffer that
-    doubles, so that a token's step writes one row instead of copying all of them."""
-
-    def __init__(self) -> None:
-        self._buffer: Tensor | None = None
-        self.length = 0
-
-    def record(self, start: int, h: Tensor) -> None:
-        """Positions ``start..start+T`` are ``h`` (T, C); later ones are forgotten."""
-        if not 0 <= start <= self.length:
-            raise ValueError(f"inputs start at {start}, but {self.length} positions are kept")
-        end = start + h.shape[0]
-        buffer = self._buffer
-        if buffer is None or buffer.shape[0] < end or buffer.dtype != h.dtype:
-            grown = h.new_empty((max(end, 16, 2 * self.length), h.shape[1]))
-            if buffer is not None:
-                grown[:start] = buffer[:start]
-            self._buffer = buffer = grown
-        buffer[start:end] = h
-        self.length = end
-
-    def __getitem__(self, positions: slice) -> Tensor:
-        if self._buffer is None:
-            raise IndexError("no inputs recorded")
-        return self._buffer[: self.length][positions]
-
-
-@dataclass
-class Session:
-    """A generation as the nodes see it: an id, every layer's inputs so far, who took part."""
-
-    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    history: dict[int, LayerInputs] = field(default_factory=dict)  # layer -> its inputs
-    nodes: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -149,14 +112,23 @@ def _per_step(mask: Tensor, rows: list[int], reduce: Callable[..., bool]) -> lis
     return out
 
 
-def _payload(layer: int, batch: list[_Step]) -> Payload:
-    """A batch's Forward payload, serialized once for every node of a fan-out."""
-    h = batch[0].h if len(batch) == 1 else torch.cat([s.h for s in batch])
-    steps = [
-        pb.SessionStep(session_id=s.session.session_id, start=s.start, length=s.h.shape[0])
-        for s in batch
-    ]
-    return Payload.of(layer, steps, h)
+class _Part(NamedTuple):
+    """What one Forward sends of one session: positions ``start..`` with inputs ``h``."""
+
+    session: Session
+    start: int
+    h: Tensor  # (T, C)
+
+
+def _payload(layer: int, parts: list[_Part], dtype: torch.dtype) -> Payload:
+    """The Forward payload of ``parts``, their inputs in ``dtype`` (the wire's)."""
+    h = parts[0].h if len(parts) == 1 else torch.cat([p.h for p in parts])
+    steps = [StepSpec(p.session.session_id, p.start, p.h.shape[0], p.session.secret) for p in parts]
+    return Payload.of(layer, steps, h.to(dtype))
+
+
+def _parts(batch: list[_Step]) -> list[_Part]:
+    return [_Part(s.session, s.start, s.h) for s in batch]
 
 
 def _succeeded(task: asyncio.Task[_Answer]) -> bool:
@@ -173,7 +145,7 @@ class _NodeCalls:
         self, engine: Engine, batch: list[_Step], layer: int, plan: dict[int, list[Node]]
     ) -> None:
         self._engine, self._batch, self._layer = engine, batch, layer
-        self._payload = _payload(layer, batch)  # built once for every node asked
+        self._payloads: dict[torch.dtype, Payload] = {}  # built once for every node asked
         self._planned: dict[str, tuple[int, ...]] = {}
         for b, nodes in plan.items():
             for node in nodes:
@@ -194,7 +166,7 @@ class _NodeCalls:
         self._running[key] = outcome
         try:
             answers = await self._engine._call(
-                node, self._batch, self._layer, branches, self._payload
+                node, self._batch, self._layer, branches, self.payload
             )
         except asyncio.CancelledError:
             outcome.cancel()
@@ -205,6 +177,13 @@ class _NodeCalls:
             raise
         outcome.set_result(answers)
         return answers[branch]
+
+    def payload(self, dtype: torch.dtype) -> Payload:
+        """The whole batch's payload in ``dtype``, serialized once for all nodes that take it."""
+        payload = self._payloads.get(dtype)
+        if payload is None:
+            payload = self._payloads[dtype] = _payload(self._layer, _parts(self._batch), dtype)
+        return payload
 
 
 class Engine:
@@ -228,7 +207,10 @@ class Engine:
         self.metrics = metrics
         self.batching = batching or BatchingConfig()
         self.defense = defense or Defense.off()
+        self.slots = SessionSlots(registry.session_quota)
+        self.ender = Ender(registry)
         metrics.quarantined_nodes.set_function(registry.quarantined_count)
+        metrics.unended_sessions.set_function(lambda: self.ender.pending)
         self._live: dict[str, float] = {}  # session id -> when it last reached a layer
         self._at: dict[str, int] = {}  # session id -> the layer its step waits in
         with torch.no_grad():
@@ -295,6 +277,7 @@ class Engine:
             worker.cancel()
         await asyncio.gather(*self._workers.values(), return_exceptions=True)
         self._workers.clear()
+        await self.ender.close()
 
     async def _work(self, layer: int) -> None:
         queue, wakeup = self._queues.setdefault(layer, []), self._wakeups[layer]
@@ -634,12 +617,12 @@ class Engine:
         batch: list[_Step],
         layer: int,
         branches: tuple[int, ...],
-        payload: Payload | None = None,
+        shared: Callable[[torch.dtype], Payload] | None = None,
     ) -> dict[int, _Answer]:
         """One Forward to ``node`` for all of ``branches``, counted per branch."""
         t0 = time.perf_counter()
         try:
-            outputs = await self._forward(node, batch, layer, branches, payload)
+            outputs = await self._forward(node, batch, layer, branches, shared)
         except NodeCallError as exc:
             self.registry.failed(node)
             outcome = "timeout" if exc.code.name == "DEADLINE_EXCEEDED" else "error"
@@ -660,15 +643,12 @@ class Engine:
         batch: list[_Step],
         layer: int,
         branches: tuple[int, ...],
-        payload: Payload | None = None,
+        shared: Callable[[torch.dtype], Payload] | None = None,
     ) -> dict[int, Tensor]:
-        """One Forward for the whole batch (``payload``: built already, or here), outputs
-        packed as the steps are; a node that missed positions is replayed to."""
-        timeout = self.policy.request_timeout_s
-        payload = payload or _payload(layer, batch)
+        """The whole batch's outputs from ``node``, packed as the steps are (``shared``: the
+        fan-out's payload, when it fits the node); a node that missed positions is replayed."""
         try:
-            outs, _ = await node.client.send(payload, branches, timeout)
-            return outs
+            return await self._send(node, layer, branches, _parts(batch), shared)
         except CacheGap as gap:
             if len(batch) > 1:  # which session has the hole: each on its own, each replayed
                 parts = await asyncio.gather(
@@ -687,9 +667,7 @@ class Engine:
             replay = step.session.history[layer][start : step.start + rows]
             self.metrics.replays.labels(node=node.node_id[:16]).inc()
             try:
-                steps = [StepSpec(step.session.session_id, start, replay.shape[0])]
-                payload = Payload.of(layer, steps, replay)
-                outs, _ = await node.client.send(payload, branches, timeout)
+                outs = await self._send(node, layer, branches, [_Part(step.session, start, replay)])
             except CacheGap as again:
                 if again.length >= start:
                     raise
@@ -698,20 +676,60 @@ class Engine:
             return {b: outs[b][-rows:] for b in branches}
         raise refusal
 
+    async def _send(
+        self,
+        node: Node,
+        layer: int,
+        branches: tuple[int, ...],
+        parts: list[_Part],
+        shared: Callable[[torch.dtype], Payload] | None = None,
+    ) -> dict[int, Tensor]:
+        """``parts`` in one Forward, or, beyond what the node takes in one (its limits from
+        ``Describe``), in several: steps split across calls, long ones in chunks, in order."""
+        timeout, dtype = self.policy.request_timeout_s, node.wire_dtype
+        lengths = [p.h.shape[0] for p in parts]
+        positions = node.limits.positions(parts[0].h.shape[1], dtype.itemsize, len(branches))
+        if fits(lengths, node.limits.max_steps, positions):
+            payload = shared(dtype) if shared is not None else _payload(layer, parts, dtype)
+            outs, _ = await node.client.send(payload, branches, timeout)
+            self.metrics.wire(len(payload.data), outs, dtype)
+            return outs
+        pieces: dict[int, list[Tensor]] = {b: [] for b in branches}
+        for call in plan_calls(lengths, node.limits.max_steps, positions):
+            chunk = [
+                _Part(
+                    parts[c.step].session,
+                    parts[c.step].start + c.offset,
+                    parts[c.step].h[c.offset : c.offset + c.length],
+                )
+                for c in call
+            ]
+            payload = _payload(layer, chunk, dtype)
+            outs, _ = await node.client.send(payload, branches, timeout)
+            self.metrics.wire(len(payload.data), outs, dtype)
+            for b in branches:
+                pieces[b].append(outs[b])
+        return {b: torch.cat(pieces[b]) for b in branches}
+
     @staticmethod
     def _late_done(task: asyncio.Task[_Answer]) -> None:
         if not task.cancelled():
             task.exception()  # retrieved: a late failure was already counted in _call
 
+    async def open_session(self) -> Session:
+        """A new session, once this gateway is below every node's session quota (it waits
+        for a slot rather than have a node refuse the session)."""
+        await self.slots.acquire()
+        return Session(holds_slot=True)
+
     async def end_session(self, session: Session) -> None:
-        """Release the session's caches on every node that took part (best effort)."""
+        """Release the session's caches on every node that took part (nodes that do not
+        answer are retried in the background), then its slot."""
         self._live.pop(session.session_id, None)
         self._at.pop(session.session_id, None)
-        calls = []
-        for node_id in session.nodes:
-            node = self.registry.get(node_id)
-            if node is not None:
-                calls.append(node.client.end_session(session.session_id, timeout_s=2.0))
-        for result in await asyncio.gather(*calls, return_exceptions=True):
-            if isinstance(result, BaseException):
-                log.info("could not end session %s: %s", session.session_id, result)
+        try:
+            await self.ender.end(session)
+        finally:
+            if session.holds_slot:
+                session.holds_slot = False
+                self.slots.release()

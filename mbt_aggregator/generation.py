@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mbt_aggregator.engine import MASKED, Engine, LayerReport, Session
+from mbt_aggregator.engine import MASKED, Engine, LayerReport
+from mbt_aggregator.session import Session
 from mbt_core.sampling import SamplingConfig, fit_window, select_next
 
 _background: set[asyncio.Task[None]] = set()
@@ -100,13 +101,13 @@ async def generate_tokens(
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens = list(prompt[-window:])
     pending = tokens
-    session, position = Session(), 0
+    session, position = await engine.open_session(), 0
     try:
         for index in range(cfg.max_new_tokens):
             restart, pending = fit_window(position, pending, tokens, window)
             if restart:
                 _end_later(engine, session)
-                session, position = Session(), 0
+                session, position = await engine.open_session(), 0
             t0 = time.perf_counter()
             logits, reports = await forward_layers(engine, session, pending, position)
             token = int(select_next(logits[-1:], cfg, gen)[0])
@@ -130,7 +131,7 @@ async def score(engine: Engine, ids: list[int], return_logprobs: bool = False) -
         chunk = ids[start : start + window + 1]
         if len(chunk) < 2:
             break
-        session = Session()
+        session = await engine.open_session()
         try:
             logits, reports = await forward_layers(engine, session, chunk[:-1], 0)
         finally:

@@ -89,9 +89,10 @@ class LocalCluster:
     node_extra: list[tuple[str, ...]] = field(default_factory=list)
     node_env: list[dict[str, str]] = field(default_factory=list)
     node_ids: list[str] = field(default_factory=list)  # per node, of its current process
-    # Mutual TLS everywhere: a throw-away CA in the temp folder, a certificate per node (kept
-    # across restarts: same node id), the gateway's, and a client's for ``credentials``.
-    tls: bool = False
+    # Mutual TLS everywhere (the default, as for every node and gateway): a throw-away CA in
+    # the temp folder, a certificate per node (kept across restarts: same node id), the
+    # gateway's, and a client's for ``credentials``. False: everything plaintext (--insecure).
+    tls: bool = True
     # Sign calibrated output-norm bounds into the export (as `mbt export` does by default).
     calibrate: bool = True
     _tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -222,7 +223,7 @@ class LocalCluster:
 
     def _tls_args(self, name: str, role: str) -> list[str]:
         if not self.tls or self._tmp is None:
-            return []
+            return ["--insecure"]
         cfg = self._tls_config(name, role)
         return ["--tls-cert", str(cfg.cert), "--tls-key", str(cfg.key), "--tls-ca", str(cfg.ca)]
 

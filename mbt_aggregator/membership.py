@@ -1,11 +1,27 @@
 """Keeps the registry in step with the swarm: admits candidates, drops nodes that vanish.
 
-Candidates come from a static peer list (retried until admitted; for networks where multicast
-does not reach, and for Kubernetes) and from mDNS. A health loop describes every admitted node;
-one that fails ``max_failures`` checks in a row leaves the registry and may re-enter later, and
-one whose address now answers with another node id or manifest (a restart, new artifacts)
-leaves at once: the newcomer there is admitted only once it passes admission itself.
-With TLS every candidate proves its node id first (see :mod:`mbt_aggregator.admission`).
+Candidates come from a static peer list (for networks where multicast does not reach, and
+for Kubernetes) and from mDNS. Every address so learnt is watched: while nothing is admitted
+there it is tried again, with a back-off that doubles up to ``retry_cap_s``, so a node that
+was down (or paused, or partitioned) comes back as soon as it answers again. A health loop
+checks every admitted node (its gRPC health status and ``Describe``); one that fails
+``max_failures`` checks in a row leaves the registry, and one whose address now answers with
+another node id or manifest (a restart, new artifacts) leaves at once: the newcomer there is
+admitted only once it passes admission itself.
+
+Nothing a LAN host can send displaces a node that is healthy where it is, with or without TLS:
+
+- a candidate that claims the id of an admitted node at another address is refused
+  (``reason="conflict"``) while that node answers its health check; if it does not, the id has
+  moved (or was taken while the node was away) and the candidate replaces it, but the old
+  address stays watched, and a node that answers there again under its id is reinstated;
+- an mDNS goodbye (or a vanished record) drops a node only once a health check confirms that
+  it no longer answers: anyone can forge a goodbye.
+
+Logs are for operators: admissions and departures at INFO; a candidate that keeps failing is
+logged at WARNING when it goes down, then at most once a minute with a count, and at INFO when
+it comes back. With TLS every candidate proves its node id first (see
+:mod:`mbt_aggregator.admission`).
 """
 
 from __future__ import annotations
@@ -13,14 +29,35 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import torch
 
 from mbt_aggregator.admission import Expectation, Rejected, admit
 from mbt_aggregator.client import NodeCallError
 from mbt_aggregator.identity import ClusterTls
 from mbt_aggregator.metrics import Metrics
-from mbt_aggregator.registry import Registry
+from mbt_aggregator.registry import Node, Registry
 
 log = logging.getLogger("mbt_aggregator")
+REPEAT_LOG_S = 60.0  # a candidate that keeps failing is logged again at most this often
+DISPLACED_WATCH_S = 3600.0  # how long the address of a displaced node is watched
+
+
+@dataclass
+class _Watched:
+    """An address to admit a node from, and how trying it went."""
+
+    source: str  # static | mdns | displaced
+    claimed_id: str | None  # the id its record announced (None: a static peer)
+    failures: int = 0
+    next_try: float = 0.0
+    down_since: float | None = None
+    reason: str = ""
+    logged_at: float = 0.0
+    unlogged: int = 0  # failures since the last log line
+    until: float = float("inf")
 
 
 class Membership:
@@ -34,6 +71,8 @@ class Membership:
         health_interval_s: float = 1.0,
         max_failures: int = 2,
         tls: ClusterTls | None = None,
+        wire_dtype: torch.dtype | None = None,
+        retry_cap_s: float = 30.0,
     ) -> None:
         self.registry = registry
         self.expect = expect
@@ -43,14 +82,20 @@ class Membership:
         self.health_interval_s = health_interval_s
         self.max_failures = max_failures
         self.tls = tls
+        self.wire_dtype = wire_dtype
+        self.retry_cap_s = retry_cap_s
         self._health_failures: dict[str, int] = {}
         self._pending: set[str] = set()
+        self._watched: dict[str, _Watched] = {}
+        self._displaced: dict[str, str] = {}  # node id -> the address it was displaced from
         self._tasks: list[asyncio.Task[None]] = []
         self.changed = asyncio.Event()  # set whenever a node enters or leaves
 
     async def start(self) -> None:
+        for peer in self.peers:
+            self._watch(peer, "static", None)
         self._tasks = [
-            asyncio.create_task(self._peer_loop()),
+            asyncio.create_task(self._watch_loop()),
             asyncio.create_task(self._health_loop()),
         ]
 
@@ -62,70 +107,214 @@ class Membership:
             await node.client.close()
 
     async def offer(self, address: str, source: str, claimed_id: str | None = None) -> None:
-        """Try to admit the node at ``address`` (no-op when it is admitted or being checked);
-        ``claimed_id`` is the id its mDNS record announced (None for a static peer)."""
-        if address in self._pending or self.registry.by_address(address) is not None:
+        """Watch ``address`` and try to admit the node there now (no-op when one is admitted
+        there or being checked); ``claimed_id`` is the id its mDNS record announced."""
+        self._watch(address, source, claimed_id)
+        await self._try(address)
+
+    async def lost(self, address: str, why: str) -> None:
+        """A record says the node at ``address`` left (an mDNS goodbye): believed only once
+        the node stops answering its health check."""
+        node = self.registry.by_address(address)
+        if node is not None and await self._serving(node):
+            self.metrics.membership_events.labels(event="goodbye_ignored").inc()
+            log.warning(
+                "ignored %s of node %s at %s: it still answers its health check (forged?)",
+                why,
+                node.node_id[:16],
+                address,
+            )
+            return
+        watched = self._watched.get(address)
+        if watched is not None and watched.source == "mdns":
+            del self._watched[address]
+        if node is not None:
+            await self._drop(node, why, logging.INFO)
+
+    # -- admission -------------------------------------------------------------------------
+
+    def _watch(self, address: str, source: str, claimed_id: str | None) -> None:
+        watched = self._watched.get(address)
+        if watched is None:
+            self._watched[address] = _Watched(source, claimed_id)
+            self.metrics.nodes_discovered.labels(source=source).inc()
+        elif source == "mdns" and watched.source != "static":
+            watched.source, watched.claimed_id = source, claimed_id  # a fresh announcement
+            watched.next_try = 0.0
+
+    async def _try(self, address: str) -> None:
+        watched = self._watched.get(address)
+        if (
+            watched is None
+            or address in self._pending
+            or self.registry.by_address(address) is not None
+        ):
             return
         self._pending.add(address)
-        self.metrics.nodes_discovered.labels(source=source).inc()
         try:
-            node = await admit(address, self.expect, self.admit_timeout_s, self.tls, claimed_id)
-        except Rejected as exc:
-            self.metrics.nodes_rejected.labels(reason=exc.reason).inc()
-            log.warning("%s", exc)
-            return
+            try:
+                node = await admit(
+                    address,
+                    self.expect,
+                    self.admit_timeout_s,
+                    self.tls,
+                    watched.claimed_id,
+                    self.wire_dtype,
+                )
+            except Rejected as exc:
+                self._rejected(address, watched, exc)
+                return
+            if not await self._take_place(node):
+                await node.client.close()
+                self._rejected(
+                    address,
+                    watched,
+                    Rejected(
+                        address,
+                        "conflict",
+                        f"claims node id {node.node_id[:16]}, which is healthy at "
+                        f"{self._address_of(node.node_id)}",
+                    ),
+                )
+                return
         finally:
             self._pending.discard(address)
-        replaced = self.registry.add(node)
-        if replaced is not None and replaced.address != node.address:
-            await replaced.client.close()
+        if watched.down_since is not None:
+            log.info("node at %s answers again (%d failed tries)", address, watched.failures)
+        watched.failures, watched.down_since, watched.reason = 0, None, ""
         self._health_failures[node.node_id] = 0
         self.metrics.nodes_admitted.inc()
         self.changed.set()
-        log.warning(
+        log.info(
             "admitted node %s at %s serving %s",
             node.node_id[:16],
             address,
             ",".join(f"{lay}:{b}" for lay, b in sorted(node.branches)),
         )
 
-    async def forget(self, address: str, why: str) -> None:
-        node = self.registry.by_address(address)
-        if node is None:
-            return
-        self.registry.remove(node.node_id)
+    def _address_of(self, node_id: str) -> str:
+        node = self.registry.get(node_id)
+        return node.address if node is not None else "?"
+
+    async def _take_place(self, node: Node) -> bool:
+        """Put ``node`` in the registry unless its id is healthy at another address."""
+        current = self.registry.get(node.node_id)
+        if current is None or current.address == node.address:
+            self.registry.add(node)
+            return True
+        events = self.metrics.membership_events
+        if self._displaced.get(node.node_id) == node.address:  # its home answers again
+            events.labels(event="reinstated").inc()
+            log.warning(
+                "node %s is back at %s: reinstated, dropping %s, which took its id meanwhile",
+                node.node_id[:16],
+                node.address,
+                current.address,
+            )
+            del self._displaced[node.node_id]
+            self._replace(current, node)
+            return True
+        if await self._serving(current):
+            events.labels(event="id_conflict").inc()
+            return False
+        events.labels(event="displaced").inc()
+        log.warning(
+            "node %s moved from %s (not answering) to %s; the old address stays watched",
+            node.node_id[:16],
+            current.address,
+            node.address,
+        )
+        self._displaced[node.node_id] = current.address
+        home = self._watched.get(current.address)
+        if home is None or home.source == "displaced":
+            self._watched[current.address] = _Watched(
+                "displaced", node.node_id, until=self._now() + DISPLACED_WATCH_S
+            )
+        self._replace(current, node)
+        return True
+
+    def _replace(self, current: Node, node: Node) -> None:
+        self.registry.add(node)  # same id: takes current's place
+        task = asyncio.get_running_loop().create_task(current.client.close())
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    def _rejected(self, address: str, watched: _Watched, exc: Rejected) -> None:
+        """Count, back off, and log once when it starts failing (or fails otherwise), then at
+        most once every ``REPEAT_LOG_S`` with the count in between."""
+        self.metrics.nodes_rejected.labels(reason=exc.reason).inc()
+        now = self._now()
+        watched.failures += 1
+        backoff = self.health_interval_s * 2 ** min(watched.failures - 1, 16)
+        watched.next_try = now + min(backoff, self.retry_cap_s)
+        if watched.down_since is None or exc.reason != watched.reason:
+            watched.down_since, watched.reason = now, exc.reason
+            watched.logged_at, watched.unlogged = now, 0
+            log.warning("%s", exc)
+        elif now - watched.logged_at >= REPEAT_LOG_S:
+            log.warning("%s (%d more tries failed alike)", exc, watched.unlogged + 1)
+            watched.logged_at, watched.unlogged = now, 0
+        else:
+            watched.unlogged += 1
+
+    async def _watch_loop(self) -> None:
+        while True:
+            now = self._now()
+            for address in [a for a, w in self._watched.items() if now > w.until]:
+                del self._watched[address]
+            due = [a for a, w in self._watched.items() if w.next_try <= now]
+            await asyncio.gather(*(self._try(a) for a in due))
+            await asyncio.sleep(self.health_interval_s)
+
+    # -- health ----------------------------------------------------------------------------
+
+    async def _serving(self, node: Node) -> bool:
+        """Whether ``node`` answers where it is: health SERVING, and ``Describe`` with its
+        own id and the expected manifest."""
+        if not await node.client.serving(self.admit_timeout_s):
+            return False
+        try:
+            info = await node.client.describe(timeout_s=self.admit_timeout_s)
+        except NodeCallError:
+            return False
+        return info.node_id == node.node_id and info.manifest_sha256 == self.expect.manifest_sha256
+
+    async def _drop(self, node: Node, why: str, level: int) -> None:
+        if self.registry.get(node.node_id) is node:
+            self.registry.remove(node.node_id)
         await node.client.close()
         self.changed.set()
-        log.warning("node %s at %s left: %s", node.node_id[:16], address, why)
-
-    async def _peer_loop(self) -> None:
-        while True:
-            await asyncio.gather(*(self.offer(p, "static") for p in self.peers))
-            await asyncio.sleep(self.health_interval_s)
+        log.log(level, "node %s at %s left: %s", node.node_id[:16], node.address, why)
 
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.health_interval_s)
-            await asyncio.gather(*(self._check(n.node_id) for n in self.registry.nodes))
+            await asyncio.gather(*(self._check(n) for n in self.registry.nodes))
 
-    async def _check(self, node_id: str) -> None:
-        node = self.registry.get(node_id)
-        if node is None:
+    async def _check(self, node: Node) -> None:
+        if self.registry.get(node.node_id) is not node:
             return
         try:
+            if not await node.client.serving(self.admit_timeout_s):
+                raise NodeCallError(node.address, grpc.StatusCode.UNAVAILABLE, "not serving")
             info = await node.client.describe(timeout_s=self.admit_timeout_s)
         except NodeCallError as exc:
-            failures = self._health_failures.get(node_id, 0) + 1
-            self._health_failures[node_id] = failures
+            failures = self._health_failures.get(node.node_id, 0) + 1
+            self._health_failures[node.node_id] = failures
             if failures >= self.max_failures:
-                await self.forget(
-                    node.address, f"{failures} failed health checks ({exc.code.name})"
+                await self._drop(
+                    node, f"{failures} failed health checks ({exc.code.name})", logging.WARNING
                 )
             return
-        if info.node_id != node_id or info.manifest_sha256 != self.expect.manifest_sha256:
+        if info.node_id != node.node_id or info.manifest_sha256 != self.expect.manifest_sha256:
             # Another process answers at the address (a restart with a new identity, or other
             # artifacts): what was admitted is gone, and the newcomer must pass admission.
-            await self.forget(node.address, f"node {info.node_id[:16]} answers there now")
-            await self.offer(node.address, "recheck")
+            await self._drop(node, f"node {info.node_id[:16]} answers there now", logging.INFO)
+            self._watch(node.address, "recheck", None)
+            await self._try(node.address)
             return
-        self._health_failures[node_id] = 0
+        self._health_failures[node.node_id] = 0
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()

@@ -6,10 +6,14 @@ reason), never a session id.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# What Membership counts besides admissions and rejections (each series exists from the start).
+MEMBERSHIP_EVENTS = ("id_conflict", "goodbye_ignored", "displaced", "reinstated")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
@@ -131,6 +135,31 @@ class Metrics:
         self.live_replicas = Gauge(
             "mbt_live_replicas", "Usable replicas per branch", ["layer", "branch"], registry=r
         )
+        self.wire_bytes = Counter(
+            "mbt_wire_bytes_total",
+            "Bytes of layer inputs sent to nodes (one serialized Forward per node call) and of "
+            "branch outputs received",
+            ["direction"],
+            registry=r,
+        )
+        self._sent = self.wire_bytes.labels(direction="sent")
+        self._received = self.wire_bytes.labels(direction="received")
+        self.membership_events = Counter(
+            "mbt_membership_events_total",
+            "id_conflict: a candidate claimed the id of a node healthy elsewhere (refused); "
+            "goodbye_ignored: an mDNS goodbye of a node that still answers its health check; "
+            "displaced: a node that stopped answering replaced under its id by another address; "
+            "reinstated: such a node back at its address, the other one dropped",
+            ["event"],
+            registry=r,
+        )
+        for event in MEMBERSHIP_EVENTS:
+            self.membership_events.labels(event=event)
+        self.unended_sessions = Gauge(
+            "mbt_unended_sessions",
+            "Sessions whose end a node has not confirmed yet (retried in the background)",
+            registry=r,
+        )
         self.width = Gauge(
             "mbt_width_diagnostic",
             "Width diagnostics of each layer's aggregation weights",
@@ -154,6 +183,11 @@ class Metrics:
         series[0].inc()
         if seconds is not None:
             series[1].observe(seconds)
+
+    def wire(self, sent: int, received: Mapping[int, torch.Tensor], dtype: torch.dtype) -> None:
+        """One node call's bytes: its request, and its outputs as they travelled."""
+        self._sent.inc(sent)
+        self._received.inc(sum(t.numel() for t in received.values()) * dtype.itemsize)
 
     def layer_step(self, layer: int, seconds: float, lost_weight: float, steps: int) -> None:
         """One layer step of ``steps`` batched session steps (series kept, as for calls)."""

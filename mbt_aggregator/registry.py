@@ -17,7 +17,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from mbt_aggregator.client import NodeClient
+from mbt_aggregator.fit import CallLimits
 
 BranchKey = tuple[int, int]
 _WINDOW = 64  # latencies kept per node for the p95 used as hedge delay
@@ -29,6 +32,9 @@ class Node:
     address: str
     client: NodeClient
     branches: frozenset[BranchKey]
+    limits: CallLimits = field(default_factory=CallLimits)  # what one Forward may carry
+    wire_dtype: torch.dtype = torch.float32  # what its layer inputs and outputs travel in
+    session_quota: int = 1 << 30  # sessions this gateway may hold on it (its per-caller quota)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))
     failures: int = 0
     benched_until: float = 0.0
@@ -134,6 +140,11 @@ class Registry:
 
     def remove(self, node_id: str) -> Node | None:
         return self._nodes.pop(node_id, None)
+
+    def session_quota(self, default: int = 1 << 30) -> int:
+        """The sessions this gateway may keep open at once: the smallest quota among the
+        admitted nodes (a generation may touch every one of them)."""
+        return min((n.session_quota for n in self._nodes.values()), default=default)
 
     def replicas(self, key: BranchKey) -> list[Node]:
         """Usable replicas of one branch, fastest first (never a quarantined one)."""

@@ -7,7 +7,8 @@ and the Prometheus endpoint start; SIGTERM or SIGINT stops in reverse order.
 With TLS, the gateway reaches nodes over mutual TLS with its aggregator certificate and admits
 a node only under the id its certificate proves (:mod:`mbt_aggregator.identity`); a signed
 roster (``--roster``, verified like the manifest) limits which ids. Its own API is TLS, guarded
-by ``--api-auth`` (:mod:`mbt_aggregator.auth`). Without TLS one warning line says so at start.
+by ``--api-auth`` (:mod:`mbt_aggregator.auth`). Without TLS the gateway starts only with
+``--insecure``, and one warning line at start says what that gives up.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.registry import Registry
 from mbt_aggregator.servicer import GatewayServicer
 from mbt_core.artifacts import load_trunk, load_verified_manifest, trunk_model
+from mbt_core.codec import DTYPES
 from mbt_core.diagnostics import weight_stats
 from mbt_core.manifest import manifest_digest
 from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
@@ -57,6 +59,8 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
     trust = cfg.trust.resolve(cfg.state_file)
     manifest = load_verified_manifest(cfg.artifacts, trust, cfg.trust.threshold, cfg.state_file)
     roster = None if cfg.roster is None else load_roster(cfg.roster, trust, cfg.trust.threshold)
+    if cluster_tls is None:  # after the checks that can refuse the start: one line each
+        warn_plaintext("mbt-aggregator")
     trunk_files = load_trunk(cfg.artifacts, manifest)
     trunk = trunk_model(manifest, trunk_files)
     digest = manifest_digest(manifest)
@@ -76,8 +80,9 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
         cfg.admit_timeout_s,
         cfg.health_interval_s,
         tls=cluster_tls,
+        wire_dtype=None if cfg.wire_dtype == "auto" else DTYPES[cfg.wire_dtype],
     )
-    browser = MdnsBrowser(cfg.interface, membership.offer, membership.forget) if cfg.mdns else None
+    browser = MdnsBrowser(cfg.interface, membership.offer, membership.lost) if cfg.mdns else None
 
     per_client = PerClientLimit(cfg.limits.max_requests_per_client, f"/{SERVICE_NAME}/")
     server = grpc.aio.server(
@@ -117,9 +122,7 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     host = cfg.listen.rsplit(":", 1)[0]
-    if cluster_tls is None:
-        warn_plaintext("mbt-aggregator")
-    transport = "mutual TLS to nodes" if cluster_tls is not None else "plaintext"
+    transport = "mutual TLS to nodes" if cluster_tls is not None else "plaintext (--insecure)"
     settle_heap()
     print(
         f"mbt-aggregator ready: listening on {host}:{port}, {metrics_note}, model "

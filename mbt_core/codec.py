@@ -17,6 +17,12 @@ from mbt_core.errors import CodecError
 from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
 
 MAX_RANK = 8
+# The dtype table: names (flags, configs), torch dtypes and wire codes, here only.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 _TO_WIRE = {
     torch.float32: pb.DTYPE_FLOAT32,
     torch.float16: pb.DTYPE_FLOAT16,
@@ -33,6 +39,22 @@ if sys.byteorder != "little":  # the wire is little-endian; no big-endian host i
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
+def wire_dtype(dtype: torch.dtype) -> int:
+    """The wire code of a supported torch dtype (``Describe`` says what a node computes in)."""
+    code = _TO_WIRE.get(dtype)
+    if code is None:
+        raise CodecError(f"cannot send dtype {dtype}; supported: {', '.join(DTYPES)}")
+    return code
+
+
+def torch_dtype(code: int) -> torch.dtype:
+    """The torch dtype of a wire code; a :class:`CodecError` for an unknown one."""
+    dtype = _FROM_WIRE.get(code)
+    if dtype is None:
+        raise CodecError(f"unsupported tensor dtype: {dtype_name(code)}")
+    return dtype
+
+
 def dtype_name(code: int) -> str:
     return pb.DType.Name(code) if code in pb.DType.values() else f"unknown dtype {code}"
 
@@ -45,9 +67,7 @@ def encode(tensor: torch.Tensor) -> pb.Tensor:
 def encode_into(msg: pb.Tensor, tensor: torch.Tensor) -> pb.Tensor:
     """Fill ``msg`` (an empty field of a message being built) with ``tensor``: building a
     reply in place spares the copy that passing a finished message to its parent makes."""
-    code = _TO_WIRE.get(tensor.dtype)
-    if code is None:
-        raise CodecError(f"cannot send dtype {tensor.dtype}; supported: float32, float16, bfloat16")
+    code = wire_dtype(tensor.dtype)
     flat = tensor
     if not (tensor.is_cpu and tensor.is_contiguous()) or tensor.requires_grad:
         flat = tensor.detach().to("cpu").contiguous()
@@ -63,9 +83,7 @@ def decode(msg: pb.Tensor, max_elements: int | None = None) -> torch.Tensor:
     """Decode without copying; every inconsistency is a :class:`CodecError`."""
     if msg.compression != pb.COMPRESSION_NONE:
         raise CodecError(f"unsupported compression {msg.compression}")
-    dtype = _FROM_WIRE.get(msg.dtype)
-    if dtype is None:
-        raise CodecError(f"unsupported tensor dtype: {dtype_name(msg.dtype)}")
+    dtype = torch_dtype(msg.dtype)
     shape = tuple(msg.shape)
     if len(shape) > MAX_RANK or min(shape, default=0) < 0:
         raise CodecError(f"invalid tensor shape {shape}")

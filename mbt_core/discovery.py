@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 SERVICE_TYPE = "_mbt._tcp.local."
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: sessions are bound to their opener (step secrets)
 # Trailing metadata of a node's FAILED_PRECONDITION: how many positions its cache holds.
 CACHE_LENGTH_METADATA = "mbt-cache-length"
 _MAX_TXT_ENTRY = 255  # bytes per key=value string (RFC 6763 section 6.1)

@@ -9,6 +9,13 @@
     │   └── SignatureError   a signed document is unsigned, untrusted, expired or rolled back
     │       ├── TrustRootError   a trust root is malformed, under-signed, skips a version, expired
     │       └── RosterError      a roster of allowed node ids is malformed, unsigned or expired
+    ├── SessionRefused       a node refuses a session's step (raised below its servicer, which
+    │   │                    maps each kind to one gRPC status)
+    │   ├── CacheBehind      the cache holds fewer positions than the step assumed: replay first
+    │   ├── OutOfContext     the step reaches past the model's context window
+    │   ├── LimitExceeded    a node limit or a caller's quota is full (``limit`` names it)
+    │   ├── NotSessionOwner  the session belongs to another caller
+    │   └── SessionEnded     the session was ended; a late step may not open it again
     ├── NoBranchAvailable    every branch of a layer was masked or rejected
     └── QuorumNotReached     fewer branches answered than the fan-out policy requires
 
@@ -61,3 +68,36 @@ class NoBranchAvailable(MbtError):
 
 class QuorumNotReached(MbtError):
     """Fewer branches of a layer answered (and passed the output checks) than required."""
+
+
+class SessionRefused(MbtError):
+    """A node refuses a session step; the message never names a session id (ids are secrets
+    of their gateway: whoever knew one could try to use it)."""
+
+
+class CacheBehind(SessionRefused):
+    """The cache holds ``length`` positions, fewer than the step assumed: replay from there."""
+
+    def __init__(self, message: str, length: int) -> None:
+        super().__init__(message)
+        self.length = length
+
+
+class OutOfContext(SessionRefused):
+    """The step reaches past the model's context window."""
+
+
+class LimitExceeded(SessionRefused):
+    """A node-wide limit or a caller's quota is full; ``limit`` is its flag-style name."""
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class NotSessionOwner(SessionRefused):
+    """The session was opened by another caller (another certificate, or another secret)."""
+
+
+class SessionEnded(SessionRefused):
+    """The session was ended by its owner; a late step must not open it again."""

@@ -43,6 +43,20 @@ def accepted_version(state_file: Path, model_id: str) -> int | None:
     return None if entry is None else int(entry["version"])
 
 
+def timestamp_version(now: datetime | None = None) -> int:
+    """A version that grows with time and reads as one: ``YYYYMMDDHHMMSSmmm`` in UTC."""
+    t = (now or datetime.now(UTC)).astimezone(UTC)
+    return int(t.strftime("%Y%m%d%H%M%S")) * 1000 + t.microsecond // 1000
+
+
+def next_version(state_file: Path, model_id: str, now: datetime | None = None) -> int:
+    """The default version of a new export: its timestamp, or one above what this machine has
+    accepted for ``model_id`` if that is higher (a clock set back, a hand-picked version), so
+    that exporting again never collides with an accepted version."""
+    accepted = accepted_version(state_file, model_id)
+    return max(timestamp_version(now), 0 if accepted is None else accepted + 1)
+
+
 def rollback_problem(state_file: Path, manifest: Manifest) -> str | None:
     """Why ``manifest`` would be a rollback or an equivocation, or None when it is neither."""
     return _problem(_read_state(state_file), state_file, manifest)
@@ -80,16 +94,21 @@ def _problem(models: dict[str, Any], state_file: Path, manifest: Manifest) -> st
         return None
     accepted, digest = int(entry["version"]), entry["manifest_digest"]
     name, version = manifest.model_id, manifest.model_version
+    fix = (
+        f"export it again with a higher version (`mbt export --model-version {accepted + 1}`, "
+        "or no --model-version: the default is always above what this machine accepted)"
+    )
     if version < accepted:
         return (
             f"model {name!r} version {version} is older than version {accepted} already "
-            f"accepted (state file {state_file}): refusing a rollback"
+            f"accepted (state file {state_file}): refusing a rollback; if this export is meant "
+            f"to replace it, {fix}"
         )
     if version == accepted and manifest_digest(manifest) != digest:
         return (
             f"model {name!r} version {version} has digest {manifest_digest(manifest)}, but "
             f"version {version} was accepted with digest {digest} (state file {state_file}): "
-            "two different manifests signed with one version, refusing the equivocation"
+            f"two different manifests signed with one version, refusing the equivocation; {fix}"
         )
     return None
 

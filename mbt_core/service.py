@@ -211,24 +211,45 @@ class TlsConfig:
 
 
 def add_tls_arguments(p: argparse.ArgumentParser, *, client: bool = False) -> None:
-    """``--tls-cert/--tls-key/--tls-ca``; a server with them speaks mutual TLS only."""
+    """``--tls-cert/--tls-key/--tls-ca``; a server with them speaks mutual TLS only, and a
+    server without them starts only with ``--insecure``."""
     g = p.add_argument_group("TLS (files from mbt certs)")
     who = "client" if client else "this process's"
     g.add_argument("--tls-cert", type=Path, default=None, help=f"{who} certificate (PEM)")
     g.add_argument("--tls-key", type=Path, default=None, help="its private key (PEM)")
     g.add_argument("--tls-ca", type=Path, default=None, help="the cluster CA certificate")
+    if not client:
+        g.add_argument(
+            "--insecure",
+            action="store_true",
+            help="run plaintext, without TLS: no caller is authenticated, node ids are only "
+            "claims and traffic can be read and changed on the way (a trusted network only)",
+        )
 
 
 def tls_config_from_args(args: argparse.Namespace) -> TlsConfig:
     return TlsConfig(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
 
 
+def check_transport(tls: TlsConfig, insecure: bool) -> None:
+    """Secure by default: a server runs mutual TLS unless the operator says ``--insecure``."""
+    if tls.enabled and insecure:
+        raise ValueError("--insecure and --tls-cert/--tls-key/--tls-ca exclude each other")
+    if not tls.enabled and not insecure:
+        raise ValueError(
+            "no TLS: give --tls-cert, --tls-key and --tls-ca (make them with `mbt certs init` "
+            "and `mbt certs issue`), or --insecure to run plaintext on a network you trust"
+        )
+
+
 def warn_plaintext(prog: str) -> None:
-    """The one warning line a service prints when it starts without TLS."""
+    """The one warning line a service prints when it starts with ``--insecure``: what it
+    gives up."""
     print(
-        f"{prog}: warning: plaintext gRPC (no --tls-cert/--tls-key/--tls-ca): callers are not "
-        "authenticated, node ids are not proven and tokens travel in clear; use this only on "
-        "a trusted LAN",
+        f"{prog}: warning: --insecure: plaintext gRPC. Callers are not authenticated (any host "
+        "that reaches the port may call it), node ids are claims, sessions are bound only by "
+        "secrets sent in clear, and traffic can be read and changed on the way: use it only on "
+        "a network you trust",
         file=sys.stderr,
         flush=True,
     )
@@ -255,7 +276,12 @@ def read_token(path: Path) -> str:
 
 def add_gateway_client_arguments(p: argparse.ArgumentParser, help: str) -> None:
     """``--gateway`` with the credentials a secured gateway asks for."""
-    p.add_argument("--gateway", metavar="HOST:PORT", default=None, help=help)
+    p.add_argument(
+        "--gateway",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        default=None,
+        help=f"{help}; several: fail over to the next when one is unreachable",
+    )
     add_tls_arguments(p, client=True)
     p.add_argument(
         "--token-file",

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mbt_core.branch import Branch, BranchCache
 from mbt_node.config import BatchingConfig
-from mbt_node.sessions import BranchKey, SessionStore, Step
+from mbt_node.sessions import BranchKey, Caller, SessionStore, Step
 
 
 @dataclass
@@ -37,6 +37,7 @@ class BranchResult:
 class _Job:
     steps: list[Step]
     inputs: Tensor
+    caller: Caller
     future: asyncio.Future[BranchResult]
     sessions: frozenset[str] = field(init=False)
 
@@ -74,13 +75,13 @@ class BranchBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
 
-    async def submit(self, steps: list[Step], inputs: Tensor) -> BranchResult:
+    async def submit(self, steps: list[Step], inputs: Tensor, caller: Caller) -> BranchResult:
         if self._idle() and inputs.shape[0] <= self._cfg.direct_max_positions:
             # Nothing queued or running, a small step: run it now, without waking the worker
             # (the usual one-token decode step of a lone generation).
-            return self._compute(steps, inputs)
+            return self._compute(steps, inputs, caller)
         future: asyncio.Future[BranchResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Job(steps, inputs, future))
+        self._queue.append(_Job(steps, inputs, caller, future))
         self._wakeup.set()
         return await future
 
@@ -138,12 +139,15 @@ class BranchBatcher:
         self._queue.extendleft(reversed(deferred))
         return batch
 
-    def _compute(self, steps: list[Step], inputs: Tensor) -> BranchResult:
+    def _compute(self, steps: list[Step], inputs: Tensor, caller: Caller) -> BranchResult:
         """One call's steps alone: reserve their caches, run them (a refusal raises)."""
         t0 = time.perf_counter()
-        caches = self._store.reserve(self.key, steps)
-        with torch.inference_mode():
-            out = self._branch.forward_ragged(inputs, caches, [s.length for s in steps])
+        caches = self._store.reserve(self.key, steps, caller)
+        try:
+            with torch.inference_mode():
+                out = self._branch.forward_ragged(inputs, caches, [s.length for s in steps])
+        finally:
+            self._store.finish(caches)
         return BranchResult(out, time.perf_counter() - t0, len(steps))
 
     def _execute(self, batch: list[_Job]) -> list[BranchResult | BaseException]:
@@ -151,7 +155,7 @@ class BranchBatcher:
         if len(batch) == 1:
             job = batch[0]
             try:
-                return [self._compute(job.steps, job.inputs)]
+                return [self._compute(job.steps, job.inputs, job.caller)]
             except Exception as exc:
                 return [exc]
         t0 = time.perf_counter()
@@ -159,7 +163,7 @@ class BranchBatcher:
         run: list[tuple[int, list[BranchCache]]] = []
         for i, job in enumerate(batch):
             try:
-                run.append((i, self._store.reserve(self.key, job.steps)))
+                run.append((i, self._store.reserve(self.key, job.steps, job.caller)))
             except Exception as exc:  # a refusal of this job only
                 outcomes[i] = exc
         if run:
@@ -178,4 +182,6 @@ class BranchBatcher:
                 pieces = out.split([job.inputs.shape[0] for job in jobs])
                 for (i, _), piece in zip(run, pieces, strict=True):
                     outcomes[i] = BranchResult(piece, elapsed, len(lengths))
+            finally:
+                self._store.finish(caches)
         return [o for o in outcomes if o is not None]

@@ -40,6 +40,7 @@ from mbt_node.launcher import start_node
 
 ECHO_METHOD = "/mbt.bench.Echo/Echo"
 PREFIX = 64  # positions cached before the timed steps; each timed step rolls back to here
+SECRET = b"bench-session-secret"  # binds the bench's sessions to it (protocol v2)
 
 
 async def _serve_echo() -> None:
@@ -89,7 +90,9 @@ def _export_model(root: Path, d_model: int, context: int) -> tuple[Path, Path, M
 
 def _request(sessions: int, x: torch.Tensor, start: int) -> pb.ForwardRequest:
     steps = [
-        pb.SessionStep(session_id=f"s{i}", start=start, length=x.shape[0] // sessions)
+        pb.SessionStep(
+            session_id=f"s{i}", start=start, length=x.shape[0] // sessions, secret=SECRET
+        )
         for i in range(sessions)
     ]
     return pb.ForwardRequest(layer=0, branches=[0], steps=steps, inputs=encode(x))
@@ -137,6 +140,7 @@ def run_bench(
                 "--no-advertise",
                 "--state-file",
                 str(Path(tmp) / "state.json"),
+                "--insecure",  # plaintext, as the echo baseline
                 *node_args,
             ]
         )

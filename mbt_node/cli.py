@@ -23,15 +23,20 @@ from mbt_node.faults import ENABLE_ENV, CorruptionFault, parse_fault, require_en
 from mbt_node.server import run_node
 
 EPILOG = """\
-example:
-  mbt-node --artifacts model/ --trusted-key owner.public.pem --serve 0:0,1:0 --listen 127.0.0.1:7001
+examples:
+  mbt-node --artifacts model/ --trusted-key owner.public.pem --serve 0:0,1:0 \
+      --tls-cert certs/node1.crt --tls-key certs/node1.key --tls-ca ca/ca.crt
+  mbt-node --artifacts model/ --trusted-key owner.public.pem --serve 0:0,1:0 --insecure
 
 The node verifies the manifest's signatures, expiry and version, loads only the branch files it
 serves (each checked against its SHA-256 in the manifest), then answers gRPC on --listen and
 advertises itself over mDNS as _mbt._tcp.local. on --interface. SIGTERM drains and exits 0.
-With --tls-cert/--tls-key/--tls-ca (mbt certs issue --role node) it speaks mutual TLS only,
-answers only the gateway's certificate (health checks: any cluster certificate), and its
-node id is the certificate's fingerprint.
+It speaks mutual TLS (--tls-cert/--tls-key/--tls-ca from mbt certs issue --role node): it
+answers only the gateway's certificate (health checks: any cluster certificate), and its node
+id is the certificate's fingerprint. Plaintext needs --insecure, and says what it gives up.
+Every session belongs to the caller that opened it; each caller has quotas of sessions and
+cached positions (--max-sessions-per-caller, --max-cached-tokens-per-caller), and a full node
+makes room for a gateway's certificate from anonymous callers' idle sessions.
 """
 
 
@@ -77,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--max-sessions", type=int, default=lim.max_sessions)
     p.add_argument("--max-cached-tokens", type=int, default=lim.max_cached_tokens)
+    p.add_argument(
+        "--max-sessions-per-caller",
+        type=int,
+        default=lim.max_sessions_per_caller,
+        help="sessions one caller (a certificate, or a host without TLS) may hold",
+    )
+    p.add_argument(
+        "--max-cached-tokens-per-caller",
+        type=int,
+        default=lim.max_cached_tokens_per_caller,
+        help="positions one caller may have cached",
+    )
     p.add_argument("--max-steps-per-call", type=int, default=lim.max_steps_per_call)
     p.add_argument("--max-tokens-per-call", type=int, default=lim.max_tokens_per_call)
     add_rpc_limit_argument(p, lim.max_concurrent_rpcs)
@@ -124,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"TESTS ONLY: corrupt this node's Forward outputs (a Byzantine node); refused "
         f"unless {ENABLE_ENV}=1 is set",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=-1,
+        help="Prometheus /metrics port (refusals, evictions, sessions; 0: a free port, -1: off)",
+    )
+    p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
     return p
 
@@ -147,6 +171,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         interface=args.interface,
         node_key=args.node_key,
         tls=tls_config_from_args(args),
+        insecure=args.insecure,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
         state_file=args.state_file,
         torch_threads=args.torch_threads,
         delay_ms=args.delay_ms,
@@ -154,6 +181,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         limits=NodeLimits(
             max_sessions=args.max_sessions,
             max_cached_tokens=args.max_cached_tokens,
+            max_sessions_per_caller=args.max_sessions_per_caller,
+            max_cached_tokens_per_caller=args.max_cached_tokens_per_caller,
             max_steps_per_call=args.max_steps_per_call,
             max_tokens_per_call=args.max_tokens_per_call,
             max_concurrent_rpcs=args.max_concurrent_rpcs,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mbt_core.service import TlsConfig, TrustConfig
+from mbt_core.service import TlsConfig, TrustConfig, check_transport
 
 if TYPE_CHECKING:
     from mbt_node.faults import CorruptionFault
@@ -14,10 +14,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class NodeLimits:
-    """Bounds that keep a small machine alive under load; beyond them calls are refused."""
+    """Bounds that keep a small machine alive under load; beyond them calls are refused.
 
-    max_sessions: int = 256
+    The per-caller quotas keep one caller's flood from taking the whole node: at half of the
+    node each, a second caller always finds room. A gateway reads them from ``Describe`` and
+    never opens more sessions than they allow.
+    """
+
+    max_sessions: int = 512
     max_cached_tokens: int = 262_144  # positions over all sessions and branches
+    max_sessions_per_caller: int = 256
+    max_cached_tokens_per_caller: int = 131_072
     max_steps_per_call: int = 256
     max_tokens_per_call: int = 4096
     max_message_bytes: int = 0  # 0: computed from the model (max_tokens_per_call x d_model)
@@ -28,6 +35,8 @@ class NodeLimits:
         for name in (
             "max_sessions",
             "max_cached_tokens",
+            "max_sessions_per_caller",
+            "max_cached_tokens_per_caller",
             "max_steps_per_call",
             "max_tokens_per_call",
             "max_concurrent_rpcs",
@@ -81,6 +90,9 @@ class NodeConfig:
     interface: str = "127.0.0.1"  # address advertised over mDNS and bound by zeroconf
     node_key: Path | None = None  # private key whose fingerprint is the node id
     tls: TlsConfig = field(default_factory=TlsConfig)  # with it: mTLS, id = cert fingerprint
+    insecure: bool = False  # plaintext: only when asked for (secure by default)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = -1  # Prometheus /metrics; 0 picks a free port, -1 is off
     state_file: Path | None = None  # rollback-protection state (default: per user)
     torch_threads: int = 1  # several nodes often share one machine
     drain_grace_s: float = 10.0
@@ -92,6 +104,7 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if not self.serve:
             raise ValueError("a node must serve at least one branch (--serve L:B,...)")
+        check_transport(self.tls, self.insecure)
         if self.tls.enabled and self.node_key is not None:
             raise ValueError("with TLS the node id is the certificate's; drop --node-key")
         if self.dtype not in ("float32", "bfloat16"):

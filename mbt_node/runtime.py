@@ -11,6 +11,7 @@ import torch
 from mbt_core.artifacts import load_branch, load_verified_manifest
 from mbt_core.branch import Branch, KVSlots
 from mbt_core.certs import certificate_file_fingerprint
+from mbt_core.codec import DTYPES
 from mbt_core.discovery import NodeRecord
 from mbt_core.manifest import Manifest, manifest_digest
 from mbt_core.signing import key_id, load_private_key
@@ -19,7 +20,6 @@ from mbt_node.config import NodeConfig
 from mbt_node.sessions import BranchKey, SessionStore
 
 log = logging.getLogger("mbt_node")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass

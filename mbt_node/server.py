@@ -5,9 +5,10 @@ verified and the served branches are loaded (a failure stops the process with a 
 message); health turns SERVING and the node is advertised. On SIGTERM or SIGINT: health
 NOT_SERVING, mDNS unregistered, in-flight calls finished within the grace period, exit 0.
 
-With TLS the port speaks mutual TLS only (:mod:`mbt_node.tls`): callers need a certificate
-from the cluster CA, and only the gateway's (role aggregator) may call ``BranchService``;
-health checks accept any cluster certificate. Without TLS one warning line says so at start.
+With TLS (the default: without it the node starts only with ``--insecure``) the port speaks
+mutual TLS only (:mod:`mbt_node.tls`): callers need a certificate from the cluster CA, and only
+the gateway's (role aggregator) may call ``BranchService``; health checks accept any cluster
+certificate. With ``--insecure`` one warning line at start says what that gives up.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from mbt_core.discovery import format_branches
 from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
@@ -28,6 +30,7 @@ from mbt_core.rpc import MalformedRequests
 from mbt_core.service import settle_heap, stop_on_signals, warn_plaintext
 from mbt_node.advertise import Advertiser
 from mbt_node.config import NodeConfig
+from mbt_node.metrics import node_registry
 from mbt_node.runtime import NodeRuntime, load_runtime, verify_manifest
 from mbt_node.servicer import BranchServicer
 from mbt_node.tls import caller_guard, server_credentials
@@ -44,6 +47,8 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
 
     material = cfg.tls.load(role="node") if cfg.tls.enabled else None
     manifest = await loop.run_in_executor(None, verify_manifest, cfg)
+    if material is None:  # after the checks that can refuse the start: one line each
+        warn_plaintext("mbt-node")
     max_bytes = cfg.limits.message_bytes(manifest.config.d_model, len(cfg.serve))
     server = grpc.aio.server(
         interceptors=[
@@ -78,11 +83,17 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
     await server.start()
     runtime: NodeRuntime | None = None
     advertiser: Advertiser | None = None
+    httpd = None
     try:
         runtime = await loop.run_in_executor(None, load_runtime, cfg, manifest)
         for batcher in runtime.batchers.values():
             batcher.start()
         servicer.runtime = runtime
+        metrics_note = ""
+        if cfg.metrics_port >= 0:
+            registry = node_registry(runtime.store)
+            httpd, _ = start_http_server(cfg.metrics_port, cfg.metrics_host, registry=registry)
+            metrics_note = f", metrics on http://{cfg.metrics_host}:{httpd.server_port}/metrics"
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
         if cfg.advertise:
             advertiser = Advertiser(runtime.record(), cfg.interface, port)
@@ -90,13 +101,12 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
         host = cfg.listen.rsplit(":", 1)[0]
         served = format_branches(tuple(sorted(runtime.branches)))
         advertised = f", advertised as {advertiser.name}" if advertiser else ""
-        if material is None:
-            warn_plaintext("mbt-node")
         settle_heap()
         print(
             f"mbt-node ready: listening on {host}:{port}, serving {served}, node id "
             f"{runtime.node_id}, manifest {runtime.manifest_sha256[:16]}, "
-            f"{'mutual TLS' if material is not None else 'plaintext'}{advertised}",
+            f"{'mutual TLS' if material is not None else 'plaintext (--insecure)'}"
+            f"{advertised}{metrics_note}",
             flush=True,
         )
         await stop.wait()
@@ -109,6 +119,8 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
         await server.stop(cfg.drain_grace_s)
         if runtime is not None:
             await runtime.close()
+        if httpd is not None:
+            httpd.shutdown()
     print("mbt-node stopped", file=sys.stderr, flush=True)
 
 

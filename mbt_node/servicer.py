@@ -1,4 +1,10 @@
-"""``mbt.v1.BranchService``: validate at the boundary, batch below, abort with a clear status."""
+"""``mbt.v1.BranchService``: validate at the boundary, batch below, abort with a clear status.
+
+The layers below raise domain errors (:class:`mbt_core.errors.SessionRefused` and its kinds);
+:data:`STATUS_OF` is the one table that turns them into gRPC status codes (and the cache
+length trailer). Every call is made by a :class:`Caller`: the certificate it presented under
+TLS, else its host; the session store binds sessions to it.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +13,66 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator
+from functools import lru_cache
 
 import grpc
 import torch
 
-from mbt_core.codec import decode, encode_into
+from mbt_core.certs import public_key_fingerprint
+from mbt_core.codec import decode, encode_into, wire_dtype
 from mbt_core.discovery import CACHE_LENGTH_METADATA, PROTOCOL_VERSION, format_branches
-from mbt_core.errors import CodecError
+from mbt_core.errors import (
+    CacheBehind,
+    CertificateError,
+    CodecError,
+    LimitExceeded,
+    NotSessionOwner,
+    OutOfContext,
+    SessionEnded,
+    SessionRefused,
+)
 from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
 from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
 from mbt_node.batcher import BranchResult
 from mbt_node.faults import corrupt
 from mbt_node.runtime import NodeRuntime
-from mbt_node.sessions import Step
+from mbt_node.sessions import MAX_SECRET_BYTES, MIN_SECRET_BYTES, Caller, Step
 from mbt_node.status import StatusError
 
 log = logging.getLogger("mbt_node")
 MAX_SESSION_ID = 128
-_WIRE_DTYPE = {torch.float32: pb.DTYPE_FLOAT32, torch.bfloat16: pb.DTYPE_BFLOAT16}
+STATUS_OF: dict[type[SessionRefused], grpc.StatusCode] = {
+    CacheBehind: grpc.StatusCode.FAILED_PRECONDITION,
+    SessionEnded: grpc.StatusCode.FAILED_PRECONDITION,
+    OutOfContext: grpc.StatusCode.OUT_OF_RANGE,
+    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotSessionOwner: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+def status_error(err: SessionRefused) -> StatusError:
+    """The gRPC form of a refusal: its code from :data:`STATUS_OF`, and for a cache behind
+    the step, its length in the ``mbt-cache-length`` trailer."""
+    code = STATUS_OF.get(type(err), grpc.StatusCode.FAILED_PRECONDITION)
+    metadata = ((CACHE_LENGTH_METADATA, str(err.length)),) if isinstance(err, CacheBehind) else ()
+    return StatusError(code, str(err), metadata)
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> Caller:
+    """The certificate's fingerprint under TLS (authenticated), else the peer's host."""
+    certs = context.auth_context().get("x509_pem_cert")
+    if certs:
+        return _certified(certs[0])
+    peer = context.peer() or ""  # "ipv4:127.0.0.1:50312", "ipv6:[::1]:50312"
+    return Caller("host:" + peer.rsplit(":", 1)[0], authenticated=False)
+
+
+@lru_cache(maxsize=256)
+def _certified(pem: bytes) -> Caller:
+    try:
+        return Caller("cert:" + public_key_fingerprint(pem), authenticated=True)
+    except CertificateError:  # the handshake verified it; unreadable here means no identity
+        return Caller("cert:unreadable", authenticated=False)
 
 
 class BranchServicer(pb_grpc.BranchServiceServicer):
@@ -60,7 +108,7 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
                 for lay, b in sorted(rt.branches)
             ],
             device=rt.cfg.device,
-            dtype=_WIRE_DTYPE[rt.dtype],
+            dtype=wire_dtype(rt.dtype),
             protocol_version=PROTOCOL_VERSION,
             limits=pb.Limits(
                 max_sessions=lim.max_sessions,
@@ -68,9 +116,15 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
                 max_message_bytes=lim.message_bytes(cfg.d_model, len(rt.branches)),
                 max_steps_per_call=lim.max_steps_per_call,
                 max_tokens_per_call=lim.max_tokens_per_call,
+                max_sessions_per_caller=min(lim.max_sessions_per_caller, lim.max_sessions),
+                max_cached_tokens_per_caller=min(
+                    lim.max_cached_tokens_per_caller, lim.max_cached_tokens
+                ),
             ),
             d_model=cfg.d_model,
             context_length=cfg.context_length,
+            open_sessions=rt.store.session_count,
+            cached_tokens=rt.store.cached_tokens(),
         )
 
     async def Forward(
@@ -78,7 +132,7 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
     ) -> pb.ForwardResponse:
         try:
             response = pb.ForwardResponse()
-            await self._forward(request, response)
+            await self._forward(request, response, caller_of(context))
             return response
         except StatusError as err:
             await context.abort(err.code, err.details, trailing_metadata=err.metadata)
@@ -94,11 +148,12 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
         """
         writing = asyncio.Lock()
         running: set[asyncio.Task[None]] = set()
+        caller = caller_of(context)  # one connection, one caller
 
         async def answer(request: pb.ForwardRequest) -> None:
             reply = pb.ForwardReply(request_id=request.request_id)
             try:
-                await self._forward(request, reply.response)  # built in place
+                await self._forward(request, reply.response, caller)  # built in place
             except StatusError as err:
                 reply = pb.ForwardReply(request_id=request.request_id, error=_call_error(err))
             except Exception as exc:  # a bug must not leave the caller waiting in silence
@@ -138,26 +193,31 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
             drain.cancel()
             reader.cancel()
 
-    async def _forward(self, request: pb.ForwardRequest, response: pb.ForwardResponse) -> None:
-        """Run ``request`` and write its outputs into ``response``."""
+    async def _forward(
+        self, request: pb.ForwardRequest, response: pb.ForwardResponse, caller: Caller
+    ) -> None:
+        """Run ``request`` and write its outputs into ``response``, in the dtype the inputs
+        came in (the caller's wire dtype), whatever this node computes in."""
         rt = self._ready()
-        steps, inputs = _validate(rt, request)
+        steps, inputs, sent = _validate(rt, request)
         if rt.cfg.delay_ms:  # fault injection: a slow machine
             await asyncio.sleep(rt.cfg.delay_ms / 1000)
         layer, branches = request.layer, request.branches
         results: list[BranchResult | BaseException]
-        if len(branches) == 1:  # the usual case: no task to gather (a failure raises as below)
-            results = [await rt.batchers[(layer, branches[0])].submit(steps, inputs)]
-        else:
-            jobs = [rt.batchers[(layer, b)].submit(steps, inputs) for b in branches]
-            results = await asyncio.gather(*jobs, return_exceptions=True)
-        done = [r for r in results if isinstance(r, BranchResult)]
-        if len(done) != len(results):
-            raise next(r for r in results if isinstance(r, BaseException))
+        try:
+            if len(branches) == 1:  # the usual case: no task to gather (a failure raises)
+                results = [await rt.batchers[(layer, branches[0])].submit(steps, inputs, caller)]
+            else:
+                jobs = [rt.batchers[(layer, b)].submit(steps, inputs, caller) for b in branches]
+                results = await asyncio.gather(*jobs, return_exceptions=True)
+            done = [r for r in results if isinstance(r, BranchResult)]
+            if len(done) != len(results):
+                raise next(r for r in results if isinstance(r, BaseException))
+        except SessionRefused as err:
+            raise status_error(err) from err
         for b, result in zip(branches, done, strict=True):
-            encode_into(
-                response.outputs.add(branch=b).outputs, corrupt(rt.cfg.test_fault, result.outputs)
-            )
+            out = corrupt(rt.cfg.test_fault, result.outputs)
+            encode_into(response.outputs.add(branch=b).outputs, out.to(sent))
         response.compute_seconds = max(r.compute_seconds for r in done)
 
     async def EndSession(
@@ -165,9 +225,13 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
     ) -> pb.EndSessionResponse:
         try:
             rt = self._ready()
+            released = rt.store.end(request.session_id, request.secret, caller_of(context))
         except StatusError as err:
             await context.abort(err.code, err.details)
-        return pb.EndSessionResponse(released_caches=rt.store.end(request.session_id))
+        except SessionRefused as refused:
+            err = status_error(refused)
+            await context.abort(err.code, err.details)
+        return pb.EndSessionResponse(released_caches=released)
 
 
 def _call_error(err: StatusError) -> pb.CallError:
@@ -182,8 +246,11 @@ def _invalid(details: str) -> StatusError:
     return StatusError(grpc.StatusCode.INVALID_ARGUMENT, details)
 
 
-def _validate(rt: NodeRuntime, request: pb.ForwardRequest) -> tuple[list[Step], torch.Tensor]:
-    """Every check that needs no cache: served branches, steps, tensor dtype/shape/values."""
+def _validate(
+    rt: NodeRuntime, request: pb.ForwardRequest
+) -> tuple[list[Step], torch.Tensor, torch.dtype]:
+    """Every check that needs no cache: served branches, steps, tensor dtype/shape/values.
+    Returns the steps, the inputs in this node's dtype, and the dtype they were sent in."""
     lim, cfg = rt.cfg.limits, rt.manifest.config
     layer, branches, wire_steps = request.layer, request.branches, request.steps
     if not branches:
@@ -201,14 +268,19 @@ def _validate(rt: NodeRuntime, request: pb.ForwardRequest) -> tuple[list[Step], 
         raise _invalid("no session steps given")
     if len(wire_steps) > lim.max_steps_per_call:
         raise _invalid(f"{len(wire_steps)} steps exceed the limit of {lim.max_steps_per_call}")
-    steps = [Step(s.session_id, s.start, s.length) for s in wire_steps]
+    steps = [Step(s.session_id, s.start, s.length, s.secret) for s in wire_steps]
     if len(steps) > 1 and len({s.session_id for s in steps}) != len(steps):
         raise _invalid("a session appears twice in one call")
-    for s in steps:
+    for i, s in enumerate(steps):
         if not s.session_id or len(s.session_id) > MAX_SESSION_ID:
             raise _invalid(f"session ids must have 1..{MAX_SESSION_ID} characters")
         if s.length == 0:
-            raise _invalid(f"session {s.session_id}: step length must be positive")
+            raise _invalid(f"step {i}: step length must be positive")
+        if not MIN_SECRET_BYTES <= len(s.secret) <= MAX_SECRET_BYTES:
+            raise _invalid(
+                f"step {i}: a session secret has {MIN_SECRET_BYTES}..{MAX_SECRET_BYTES} bytes, "
+                f"got {len(s.secret)} (protocol version {PROTOCOL_VERSION})"
+            )
     total = sum(s.length for s in steps)
     if total > lim.max_tokens_per_call:
         raise _invalid(f"{total} positions exceed the limit of {lim.max_tokens_per_call} per call")
@@ -216,8 +288,6 @@ def _validate(rt: NodeRuntime, request: pb.ForwardRequest) -> tuple[list[Step], 
         x = decode(request.inputs, max_elements=lim.max_tokens_per_call * cfg.d_model)
     except CodecError as exc:
         raise _invalid(f"inputs: {exc}") from exc
-    if x.dtype != rt.dtype:
-        raise _invalid(f"inputs are {x.dtype}, this node computes in {rt.dtype}")
     if x.dim() != 2 or x.shape[1] != cfg.d_model:
         raise _invalid(f"inputs must have shape (positions, {cfg.d_model}), got {tuple(x.shape)}")
     if x.shape[0] != total:
@@ -226,4 +296,5 @@ def _validate(rt: NodeRuntime, request: pb.ForwardRequest) -> tuple[list[Step], 
     # non-finite sum, NaN/Inf or a float overflow of huge values, needs the exact check.
     if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
         raise _invalid("inputs contain NaN or Inf")
-    return steps, x if rt.cfg.device == "cpu" else x.to(rt.cfg.device)
+    sent = x.dtype
+    return steps, x.to(device=rt.cfg.device, dtype=rt.dtype), sent

@@ -158,6 +158,9 @@ def run_outage(cfg: BenchConfig) -> BenchResult:
                     artifacts=cfg.artifacts,
                     trusted_keys=cfg.trusted_keys,
                     placements=tuple(lab.placement(i) for i in range(n_nodes)) if lab else (),
+                    # Plaintext on this machine, as the figures in the README were measured
+                    # (mbt-bench soak runs the default, mutual TLS).
+                    tls=False,
                 )
             )
             injector = Injector(cluster, lab)

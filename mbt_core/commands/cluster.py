@@ -1,7 +1,9 @@
 """Run a local cluster on this machine and generate through it: the distributed main job.
 
 Exports the model (default: the shipped one) into a temporary folder signed with a throw-away
-key, starts NODES branch-node processes and an aggregator gateway on 127.0.0.1, generates from
+key, makes a throw-away cluster CA with a certificate per process (mutual TLS everywhere, as
+every node and gateway runs by default; --insecure for plaintext), starts NODES branch-node
+processes and an aggregator gateway on 127.0.0.1, generates from
 PROMPT through the gateway, then prints what every layer's branches did: which node served each
 branch, how often it answered or was masked, and its latency. Everything is torn down at the
 end, also on Ctrl-C. --kill-node-after N kills one node after N tokens to show an outage.
@@ -41,9 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="SIGKILL the first node after N tokens, to watch the outage",
     )
     p.add_argument(
-        "--tls",
+        "--insecure",
         action="store_true",
-        help="mutual TLS everywhere: a throw-away cluster CA, a certificate per process",
+        help="plaintext everywhere instead of mutual TLS with a throw-away cluster CA",
     )
     p.add_argument(
         "--show-branches",
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint,
         Layout(args.nodes, args.replicas),
         gateway_args=gateway_args,
-        tls=args.tls,
+        tls=not args.insecure,
     ) as cluster:
         names = {}
         for i, (node, served) in enumerate(zip(cluster.nodes, cluster.served, strict=True)):

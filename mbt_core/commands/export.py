@@ -14,6 +14,7 @@ from mbt_core.calibration import DEFAULT_MARGIN, DEFAULT_TOKENS, calibrated_boun
 from mbt_core.checkpoint import load_checkpoint
 from mbt_core.export import DEFAULT_MODEL_ID, export_artifacts
 from mbt_core.manifest import format_time, manifest_digest
+from mbt_core.rollback import default_state_file, next_version
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,8 +30,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model-version",
         type=int,
-        default=1,
-        help="integer that only grows; nodes refuse a version below one they accepted",
+        default=None,
+        help="integer that only grows; nodes refuse a version below one they accepted, and a "
+        "second export under an accepted version (default: the time of the export, "
+        "YYYYMMDDHHMMSSmmm, or one above what this machine accepted for the model id)",
+    )
+    p.add_argument(
+        "--state-file",
+        type=Path,
+        default=None,
+        help="rollback state whose accepted versions the default version stays above "
+        "(default: $MBT_STATE_DIR or ~/.local/state/mbt)",
     )
     p.add_argument("--expires-days", type=int, default=365, help="validity from now, in days")
     cal = p.add_mutually_exclusive_group()
@@ -64,11 +74,16 @@ def run(args: argparse.Namespace) -> int:
         bounds, calibrated = calibrated_bounds(
             ckpt, args.calibration, args.calibration_tokens, args.norm_margin
         )
+    version = args.model_version
+    if version is None:
+        version = next_version(args.state_file or default_state_file(), args.model_id)
+    elif version < 1:
+        raise ValueError(f"--model-version must be >= 1, got {version}")
     manifest = export_artifacts(
         ckpt,
         args.out_dir,
         model_id=args.model_id,
-        model_version=args.model_version,
+        model_version=version,
         expires_days=args.expires_days,
         norm_bounds=bounds,
     )

@@ -42,12 +42,20 @@ class SignedModel:
         ]
 
     def node_args(self, serve: str, *extra: str) -> list[str]:
-        return [*self.artifact_args("state.json"), "--serve", serve, *extra]
+        """A node of ``serve``; plaintext (``--insecure``) unless ``extra`` gives TLS files."""
+        return [*self.artifact_args("state.json"), "--serve", serve, *_transport(extra)]
 
     def gateway_args(self, *extra: str, state: str = "gateway.json") -> list[str]:
-        """A gateway on a free port with metrics on another; ``extra`` adds or overrides."""
+        """A gateway on a free port with metrics on another; ``extra`` adds or overrides;
+        plaintext (``--insecure``) unless ``extra`` gives TLS files."""
         listen = ["--listen", "127.0.0.1:0", "--metrics-port", "0"]
-        return [*self.artifact_args(state), *listen, *extra]
+        return [*self.artifact_args(state), *listen, *_transport(extra)]
+
+
+def _transport(extra: tuple[str, ...]) -> list[str]:
+    """Most integration tests exercise other things than TLS on loopback: they ask for
+    plaintext explicitly, as an operator must (TLS is the default)."""
+    return [*extra] if "--tls-ca" in extra or "--insecure" in extra else [*extra, "--insecure"]
 
 
 def make_signed_model(root: Path, cfg: ModelConfig, tokenizer: Tokenizer) -> SignedModel:

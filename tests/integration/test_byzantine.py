@@ -104,6 +104,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
             "--serve",
             layout[name],
             "--no-advertise",
+            "--insecure",
         ]
         env = {}
         if name in MODES:
@@ -288,6 +289,7 @@ def _gateway(swarm: Swarm, names: tuple[str, ...], *flags: str) -> ManagedProces
             "127.0.0.1:0",
             "--metrics-port",
             "0",
+            "--insecure",
             "--no-mdns",
             "--peers",
             peers,

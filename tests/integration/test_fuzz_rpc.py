@@ -30,6 +30,7 @@ from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 from tests.integration.conftest import SignedModel
 
 pytestmark = pytest.mark.integration
+SECRET = b"test-session-secret"  # binds the tests' sessions to their opener
 D = 32  # d_model of the test model
 REFUSALS = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -37,6 +38,7 @@ REFUSALS = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.OUT_OF_RANGE,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.PERMISSION_DENIED,  # another caller's session (another secret)
 }
 FUZZ = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -79,7 +81,7 @@ def _forward(
     request = pb.ForwardRequest(
         layer=0,
         branches=[0, 1],
-        steps=[pb.SessionStep(session_id=session, start=start, length=x.shape[0])],
+        steps=[pb.SessionStep(session_id=session, start=start, length=x.shape[0], secret=SECRET)],
         inputs=encode(x),
     )
     reply = stub.Forward(request, timeout=10)
@@ -129,6 +131,7 @@ def forward_requests(draw: st.DrawFn) -> pb.ForwardRequest:
                 ),
                 start=st.one_of(st.integers(0, 70), st.integers(0, 2**32 - 1)),
                 length=st.one_of(st.integers(0, 6), st.integers(0, 2**32 - 1)),
+                secret=st.one_of(st.just(SECRET), st.binary(max_size=80)),
             ),
             max_size=4,
         )
@@ -324,7 +327,7 @@ def test_a_flood_of_calls_to_a_node_leaves_the_gateway_served(
             x = encode(torch.randn(48, D))
 
             def request(i: int) -> pb.ForwardRequest:
-                step = pb.SessionStep(session_id=f"flood-{i}", start=0, length=48)
+                step = pb.SessionStep(session_id=f"flood-{i}", start=0, length=48, secret=SECRET)
                 return pb.ForwardRequest(layer=0, branches=[0, 1], steps=[step], inputs=x)
 
             async def one(i: int) -> grpc.StatusCode:

@@ -25,19 +25,25 @@ from mbt_node.launcher import ManagedProcess, StartError, node_id, start_node
 from tests.integration.conftest import SignedModel
 
 pytestmark = pytest.mark.integration
+SECRET = b"test-session-secret"  # binds the tests' sessions to their opener
 Stub = pb_grpc.BranchServiceStub
 D = 32  # d_model of the test model
 TIMEOUT = 10.0
 
 
 def forward(
-    stub: Stub, layer: int, branches: list[int], steps: list[tuple[str, int, int]], x: torch.Tensor
+    stub: Stub,
+    layer: int,
+    branches: list[int],
+    steps: list[tuple[str, int, int]],
+    x: torch.Tensor,
+    secret: bytes = SECRET,
 ) -> dict[int, torch.Tensor]:
     request = pb.ForwardRequest(
         layer=layer,
         branches=branches,
         inputs=encode(x),
-        steps=[pb.SessionStep(session_id=s, start=a, length=n) for s, a, n in steps],
+        steps=[pb.SessionStep(session_id=s, start=a, length=n, secret=secret) for s, a, n in steps],
     )
     response = stub.Forward(request, timeout=TIMEOUT)
     return {o.branch: decode(o.outputs).clone() for o in response.outputs}
@@ -53,7 +59,7 @@ def test_describe_reports_what_the_node_serves(
     assert [(b.layer, b.branch) for b in info.branches] == [(1, 0), (1, 2)]
     assert info.branches[1].artifact_sha256 == manifest.branch(1, 2).sha256
     assert (info.d_model, info.context_length, info.dtype) == (D, 64, pb.DTYPE_FLOAT32)
-    assert info.model_id == manifest.model_id and info.protocol_version == 1
+    assert info.model_id == manifest.model_id and info.protocol_version == 2
     assert info.limits.max_sessions > 0 and info.limits.max_message_bytes > 0
 
 
@@ -77,6 +83,22 @@ def test_forward_equals_in_process_branch(
     assert (whole - full[1]).abs().max().item() < 1e-6
 
 
+def test_reduced_precision_inputs_are_answered_in_their_dtype(
+    signed_model: SignedModel, node_factory, stub_for
+) -> None:
+    """A float32 node takes bfloat16 and float16 layer inputs (the gateway's --wire-dtype) and
+    answers in the dtype they came in, close to its float32 answer."""
+    node = node_factory(signed_model.node_args("0:0", "--no-advertise"))
+    stub = stub_for(node)
+    torch.manual_seed(2)
+    h = torch.randn(6, D)
+    exact = forward(stub, 0, [0], [("f32", 0, 6)], h)[0]
+    for dtype in (torch.bfloat16, torch.float16):
+        got = forward(stub, 0, [0], [(str(dtype), 0, 6)], h.to(dtype))[0]
+        assert got.dtype == dtype
+        assert (got.float() - exact).abs().max().item() < 0.1 * exact.abs().max().item()
+
+
 def test_positions_gap_rollback_and_end_session(
     signed_model: SignedModel, node_factory, stub_for
 ) -> None:
@@ -87,7 +109,7 @@ def test_positions_gap_rollback_and_end_session(
     with pytest.raises(grpc.RpcError) as gap:
         forward(stub, 0, [0], [("s", 10, 1)], h[:1])
     assert gap.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "cache holds 8 positions" in gap.value.details()
+    assert "holds 8 positions" in gap.value.details()
     assert ("mbt-cache-length", "8") in tuple(gap.value.trailing_metadata())
     # rollback: starting at 5 recomputes positions 5..7 with new inputs
     h2 = h.clone()
@@ -97,10 +119,13 @@ def test_positions_gap_rollback_and_end_session(
         ref = signed_model.model.layers[0].branches[0](h2[None])[0]
     assert (again - ref[5:]).abs().max().item() < 1e-6
     assert not torch.allclose(again, first[5:])
-    released = stub.EndSession(pb.EndSessionRequest(session_id="s"), timeout=TIMEOUT)
+    released = stub.EndSession(pb.EndSessionRequest(session_id="s", secret=SECRET), timeout=TIMEOUT)
     assert released.released_caches == 1
     assert (
-        stub.EndSession(pb.EndSessionRequest(session_id="s"), timeout=TIMEOUT).released_caches == 0
+        stub.EndSession(
+            pb.EndSessionRequest(session_id="s", secret=SECRET), timeout=TIMEOUT
+        ).released_caches
+        == 0
     )
     with pytest.raises(grpc.RpcError) as gone:  # the cache is gone: position 8 is now a gap
         forward(stub, 0, [0], [("s", 8, 1)], h[:1])
@@ -109,7 +134,7 @@ def test_positions_gap_rollback_and_end_session(
 
 def _bad_requests() -> list[tuple[str, pb.ForwardRequest, grpc.StatusCode, str]]:
     ok = torch.randn(2, D)
-    step = [pb.SessionStep(session_id="bad", start=0, length=2)]
+    step = [pb.SessionStep(session_id="bad", start=0, length=2, secret=SECRET)]
     nan = ok.clone()
     nan[1, 3] = float("nan")
 
@@ -120,7 +145,12 @@ def _bad_requests() -> list[tuple[str, pb.ForwardRequest, grpc.StatusCode, str]]
 
     inv, nf = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
     return [
-        ("dtype", req(encode(ok.half())), inv, "this node computes in torch.float32"),
+        (
+            "no secret",
+            req(encode(ok), steps=[pb.SessionStep(session_id="n", start=0, length=2)]),
+            inv,
+            "a session secret has 16..64 bytes, got 0",
+        ),
         ("d_model", req(encode(torch.randn(2, D + 1))), inv, f"(positions, {D})"),
         ("rank", req(encode(torch.randn(1, 2, D))), inv, f"(positions, {D})"),
         ("nan", req(encode(nan)), inv, "NaN or Inf"),
@@ -136,13 +166,18 @@ def _bad_requests() -> list[tuple[str, pb.ForwardRequest, grpc.StatusCode, str]]
         ("no steps", req(encode(ok), steps=[]), inv, "no session steps"),
         (
             "zero length",
-            req(encode(ok), steps=[pb.SessionStep(session_id="z", start=0, length=0)]),
+            req(
+                encode(ok), steps=[pb.SessionStep(session_id="z", start=0, length=0, secret=SECRET)]
+            ),
             inv,
             "positive",
         ),
         (
             "past context",
-            req(encode(ok), steps=[pb.SessionStep(session_id="c", start=63, length=2)]),
+            req(
+                encode(ok),
+                steps=[pb.SessionStep(session_id="c", start=63, length=2, secret=SECRET)],
+            ),
             grpc.StatusCode.OUT_OF_RANGE,
             "exceed the context length 64",
         ),
@@ -185,7 +220,7 @@ def test_session_limit_is_resource_exhausted(
     with pytest.raises(grpc.RpcError) as err:
         forward(stub, 0, [0], [("c", 0, 1)], x)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    stub.EndSession(pb.EndSessionRequest(session_id="a"), timeout=TIMEOUT)
+    stub.EndSession(pb.EndSessionRequest(session_id="a", secret=SECRET), timeout=TIMEOUT)
     forward(stub, 0, [0], [("c", 0, 1)], x)  # room again
 
 
@@ -203,7 +238,7 @@ def test_concurrent_sessions_equal_sequential(signed_model: SignedModel, node_fa
                 layer=1,
                 branches=[0, 1],
                 inputs=encode(h[start : start + n]),
-                steps=[pb.SessionStep(session_id=sid, start=start, length=n)],
+                steps=[pb.SessionStep(session_id=sid, start=start, length=n, secret=SECRET)],
             )
             outs.append(await stub.Forward(req, timeout=30))
         return {
@@ -282,7 +317,10 @@ def test_sigterm_finishes_in_flight_calls(
             layer=0,
             branches=[0],
             inputs=encode(torch.randn(60, D)),
-            steps=[pb.SessionStep(session_id=f"s{i}", start=0, length=1) for i in range(60)],
+            steps=[
+                pb.SessionStep(session_id=f"s{i}", start=0, length=1, secret=SECRET)
+                for i in range(60)
+            ],
         ),
         timeout=TIMEOUT,
     )

@@ -26,6 +26,7 @@ from mbt_node.faults import ENABLE_ENV
 from tests.integration.conftest import SignedModel
 
 pytestmark = pytest.mark.integration
+SECRET = b"test-session-secret"  # binds the tests' sessions to their opener
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIELDS = (
     "latency_p50_ms",
@@ -139,7 +140,7 @@ def test_byzantine_node_corrupts_forward_outputs(
         layer=0,
         branches=[0],
         inputs=encode(x),
-        steps=[pb.SessionStep(session_id="s", start=0, length=4)],
+        steps=[pb.SessionStep(session_id="s", start=0, length=4, secret=SECRET)],
     )
     good = decode(stub_for(honest).Forward(request, timeout=10).outputs[0].outputs)
     bad = decode(stub_for(liar).Forward(request, timeout=10).outputs[0].outputs)
@@ -170,8 +171,10 @@ def test_local_cluster_controls_each_node() -> None:
         cluster.resume_node(0)
         assert _reaches(cluster.nodes[0].pid, stopped=False) and cluster.node_running(0)
         # A fresh port: the gateway's static peer list does not know it, mDNS announces it.
+        # It keeps its certificate (mutual TLS by default), so its id: the gateway sees the
+        # id move away from an address that no longer answers, and follows it.
         node = cluster.restart_node(0, same_port=False)
-        assert node.address != first_address and cluster.node_ids[0] != first_id
+        assert node.address != first_address and cluster.node_ids[0] == first_id
         assert cluster.node_extra[0] == ("--delay-ms", "1")  # kept across the restart
         wait_healthy(cluster, replicas=1, timeout_s=30)
         cluster.restart_node(0, extra_args=(), same_port=True)

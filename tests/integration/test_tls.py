@@ -361,8 +361,10 @@ def test_rogue_mdns_record_is_rejected_in_plaintext_too(
         _wait(lambda: expected in process.all_output(), "the copied record rejected")
         assert gateway.rejected("identity") >= 1
         assert node_id(rogue) not in gateway.node_ids()
-        assert process.all_output().count("mbt-aggregator: warning: plaintext gRPC") == 1
-        assert real.all_output().count("mbt-node: warning: plaintext gRPC") == 1
+        assert (
+            process.all_output().count("mbt-aggregator: warning: --insecure: plaintext gRPC") == 1
+        )
+        assert real.all_output().count("mbt-node: warning: --insecure: plaintext gRPC") == 1
         gateway.channel.close()
     finally:
         for p in started:
@@ -474,7 +476,7 @@ def rotation(signed_model: SignedModel, tmp_path: Path) -> Rotation:
 
 def _root_args(rotation: Rotation, state: Path, *roots: Path) -> list[str]:
     args = ["--artifacts", str(rotation.artifacts), "--state-file", str(state / "state.json")]
-    args += ["--root", str(roots[0])]
+    args += ["--root", str(roots[0]), "--insecure"]
     for update in roots[1:]:
         args += ["--root-update", str(update)]
     return args

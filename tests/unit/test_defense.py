@@ -22,11 +22,12 @@ from mbt_aggregator.defense import (
     Defense,
     DefenseConfig,
 )
-from mbt_aggregator.engine import OK, REJECTED, Engine, Session
+from mbt_aggregator.engine import OK, REJECTED, Engine
 from mbt_aggregator.generation import generate_tokens
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.policy import FanoutPolicy
 from mbt_aggregator.registry import Node, QuarantinePolicy, Registry
+from mbt_aggregator.session import Session
 from mbt_core.calibration import branch_norm_bounds
 from mbt_core.config import AggregationConfig
 from mbt_core.manifest import NormBound

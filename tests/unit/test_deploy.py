@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import importlib.util
 import json
 import os
 import re
@@ -69,6 +70,24 @@ def parse_command(role: str, argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def healthcheck_args(argv: list[str]) -> argparse.Namespace:
+    """The image's mbt-healthcheck command line, parsed by its own parser."""
+    captured: dict[str, argparse.Namespace] = {}
+    spec = importlib.util.spec_from_file_location("healthcheck", DEPLOY / "docker/healthcheck.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def capture(args: argparse.Namespace) -> Any:
+        captured["args"] = args
+        raise SystemExit(0)
+
+    module.channel = capture
+    with pytest.raises(SystemExit):
+        module.main(["mbt-healthcheck", *[str(a) for a in argv]])
+    return captured["args"]
+
+
 def shipped_branches() -> set[tuple[int, int]]:
     meta = read_metadata(default_checkpoint_path().read_bytes())
     cfg = ModelConfig.from_dict(json.loads(meta["config"]))
@@ -86,7 +105,7 @@ def exported_series() -> set[str]:
     # A labelled metric has no samples until a child exists (``_labelnames`` is the only way
     # prometheus-client offers to read a metric's label names).
     for metric in vars(metrics).values():
-        if isinstance(metric, MetricWrapperBase) and metric._labelnames:
+        if isinstance(metric, MetricWrapperBase) and metric._labelnames and not metric._labelvalues:
             metric.labels(*("x" for _ in metric._labelnames))
     return {sample.name for family in registry.collect() for sample in family.samples}
 
@@ -283,8 +302,14 @@ def test_compose_mounts_what_the_commands_read() -> None:
         for path in [args.artifacts, *args.trusted_key]:
             assert volumes.get(str(path), ("", ""))[1] == "ro", f"{name}: {path} not mounted ro"
         assert svc["environment"]["MBT_STATE_DIR"] in volumes, f"{name}: state not on a volume"
+        tls = [args.tls_cert, args.tls_key, args.tls_ca]
+        assert all(p is not None for p in tls), f"{name}: not on mutual TLS"
+        for path in tls:
+            assert volumes.get(str(path.parent), ("", ""))[1] == "ro", f"{name}: {path} not ro"
         port = listen_port(args)
-        assert svc["healthcheck"]["test"][1:] == ["mbt-healthcheck", f"127.0.0.1:{port}"]
+        probe = healthcheck_args(svc["healthcheck"]["test"][2:])
+        assert probe.address == f"127.0.0.1:{port}" and probe.tls_ca == args.tls_ca
+        assert probe.tls_cert.parent == args.tls_cert.parent
 
 
 def test_compose_monitoring_matches_prometheus_and_grafana_files() -> None:
@@ -357,10 +382,13 @@ def test_k8s_probes_ports_and_mounts(kind: str, name: str) -> None:
     _, args = k8s_args(c, {"POD_INDEX": "0"})
     port = listen_port(args)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"]["port"] == port, f"{name}: {probe} is not a gRPC health probe"
+        command = c[probe]["exec"]["command"]
+        assert command[0] == "mbt-healthcheck", f"{name}: {probe} is not a gRPC health probe"
+        checked = healthcheck_args(command[1:])
+        assert checked.address == f"127.0.0.1:{port}" and checked.tls_ca == args.tls_ca
     assert port in {p["containerPort"] for p in c["ports"]}
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    for path in [args.artifacts, *args.trusted_key]:
+    for path in [args.artifacts, *args.trusted_key, args.tls_cert, args.tls_key, args.tls_ca]:
         owner = [m for p, m in mounts.items() if str(path).startswith(p)]
         assert owner and owner[0].get("readOnly"), f"{name}: {path} is not mounted read-only"
     state = {e["name"]: e.get("value") for e in c["env"]}["MBT_STATE_DIR"]
@@ -440,6 +468,11 @@ def test_systemd_unit(unit: str) -> None:
         return re.sub(r"%[iS]", lambda m: specifiers[m.group(0)], text)
 
     env = dict(expand(v).split("=", 1) for k, v in service if k == "Environment")
+    # systemd sets it for units with LoadCredential=: the folder of the credentials it hands on
+    env["CREDENTIALS_DIRECTORY"] = "/run/credentials/unit"
+    credentials = {
+        c.split(":", 1)[0]: expand(c.split(":", 1)[1]) for k, c in service if k == "LoadCredential"
+    }
     assert expand(values["EnvironmentFile"]).startswith("/etc/mbt/")
     example = read_env_file(DEPLOY / "systemd" / UNITS[unit])
     env.update(example)
@@ -447,7 +480,11 @@ def test_systemd_unit(unit: str) -> None:
     program = Path(argv[0]).name
     with (ROOT / "pyproject.toml").open("rb") as f:
         assert program in tomllib.load(f)["project"]["scripts"], program
-    parse_command(PROGRAMS[program], argv[1:])
+    args = parse_command(PROGRAMS[program], argv[1:])
+    # Secure by default: mutual TLS, the key handed on by systemd from a root-only file.
+    assert args.tls_key == Path(env["CREDENTIALS_DIRECTORY"]) / "tls.key"
+    assert credentials["tls.key"].startswith("/etc/mbt/certs/")
+    assert args.tls_cert.parent == args.tls_ca.parent == Path(credentials["tls.key"]).parent
     unused = set(example) - set(re.findall(r"\$\{?(\w+)", values["ExecStart"]))
     assert not unused, f"{UNITS[unit]} sets variables the unit never reads: {unused}"
     assert env["MBT_STATE_DIR"] == "/var/lib/" + expand(values["StateDirectory"])

@@ -10,11 +10,12 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from mbt_aggregator.client import CacheGap, NodeCallError, Payload
-from mbt_aggregator.engine import MASKED, OK, Engine, LayerInputs, Session
+from mbt_aggregator.engine import MASKED, OK, Engine
 from mbt_aggregator.generation import generate_tokens
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.policy import FanoutPolicy
 from mbt_aggregator.registry import Node, Registry
+from mbt_aggregator.session import LayerInputs, Session
 from mbt_core.branch import BranchCache
 from mbt_core.codec import decode
 from mbt_core.config import AggregationConfig

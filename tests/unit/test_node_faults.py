@@ -22,7 +22,7 @@ from mbt_node.faults import (
 )
 
 FAULT = "corrupt=nan"
-BASE = ["--artifacts", "a", "--trusted-key", "k.pem", "--serve", "0:0"]
+BASE = ["--artifacts", "a", "--trusted-key", "k.pem", "--serve", "0:0", "--insecure"]
 
 
 def _outputs() -> torch.Tensor:

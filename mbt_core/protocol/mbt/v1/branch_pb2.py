@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mbt/v1/branch.proto\x12\x06mbt.v1\"o\n\x06Tensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.mbt.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06\x62uffer\x18\x03 \x01(\x0c\x12(\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x13.mbt.v1.Compression\"\x11\n\x0f\x44\x65scribeRequest\"F\n\x0cServedBranch\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\x17\n\x0f\x61rtifact_sha256\x18\x03 \x01(\t\"\x8d\x01\n\x06Limits\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\r\x12\x19\n\x11max_cached_tokens\x18\x02 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12max_steps_per_call\x18\x04 \x01(\r\x12\x1b\n\x13max_tokens_per_call\x18\x05 \x01(\r\"\x9e\x02\n\x10\x44\x65scribeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12\x17\n\x0fmanifest_sha256\x18\x04 \x01(\t\x12&\n\x08\x62ranches\x18\x05 \x03(\x0b\x32\x14.mbt.v1.ServedBranch\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x1c\n\x05\x64type\x18\x07 \x01(\x0e\x32\r.mbt.v1.DType\x12\x18\n\x10protocol_version\x18\x08 \x01(\r\x12\x1e\n\x06limits\x18\t \x01(\x0b\x32\x0e.mbt.v1.Limits\x12\x0f\n\x07\x64_model\x18\n \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x0b \x01(\r\"@\n\x0bSessionStep\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06length\x18\x03 \x01(\r\"\x89\x01\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x10\n\x08\x62ranches\x18\x02 \x03(\r\x12\"\n\x05steps\x18\x03 \x03(\x0b\x32\x13.mbt.v1.SessionStep\x12\x1e\n\x06inputs\x18\x04 \x01(\x0b\x32\x0e.mbt.v1.Tensor\x12\x12\n\nrequest_id\x18\x05 \x01(\x04\"?\n\x0c\x42ranchOutput\x12\x0e\n\x06\x62ranch\x18\x01 \x01(\r\x12\x1f\n\x07outputs\x18\x02 \x01(\x0b\x32\x0e.mbt.v1.Tensor\"Q\n\x0f\x46orwardResponse\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.mbt.v1.BranchOutput\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\"V\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\x12\x19\n\x0c\x63\x61\x63he_length\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x0f\n\r_cache_length\"}\n\x0c\x46orwardReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x17.mbt.v1.ForwardResponseH\x00\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.mbt.v1.CallErrorH\x00\x42\x08\n\x06result\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"-\n\x12\x45ndSessionResponse\x12\x17\n\x0freleased_caches\x18\x01 \x01(\r*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*#\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x32\x92\x02\n\rBranchService\x12=\n\x08\x44\x65scribe\x12\x17.mbt.v1.DescribeRequest\x1a\x18.mbt.v1.DescribeResponse\x12:\n\x07\x46orward\x12\x16.mbt.v1.ForwardRequest\x1a\x17.mbt.v1.ForwardResponse\x12\x41\n\rForwardStream\x12\x16.mbt.v1.ForwardRequest\x1a\x14.mbt.v1.ForwardReply(\x01\x30\x01\x12\x43\n\nEndSession\x12\x19.mbt.v1.EndSessionRequest\x1a\x1a.mbt.v1.EndSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mbt/v1/branch.proto\x12\x06mbt.v1\"o\n\x06Tensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.mbt.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06\x62uffer\x18\x03 \x01(\x0c\x12(\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x13.mbt.v1.Compression\"\x11\n\x0f\x44\x65scribeRequest\"F\n\x0cServedBranch\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\x17\n\x0f\x61rtifact_sha256\x18\x03 \x01(\t\"\xd4\x01\n\x06Limits\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\r\x12\x19\n\x11max_cached_tokens\x18\x02 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12max_steps_per_call\x18\x04 \x01(\r\x12\x1b\n\x13max_tokens_per_call\x18\x05 \x01(\r\x12\x1f\n\x17max_sessions_per_caller\x18\x06 \x01(\r\x12$\n\x1cmax_cached_tokens_per_caller\x18\x07 \x01(\x04\"\xcc\x02\n\x10\x44\x65scribeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12\x17\n\x0fmanifest_sha256\x18\x04 \x01(\t\x12&\n\x08\x62ranches\x18\x05 \x03(\x0b\x32\x14.mbt.v1.ServedBranch\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x1c\n\x05\x64type\x18\x07 \x01(\x0e\x32\r.mbt.v1.DType\x12\x18\n\x10protocol_version\x18\x08 \x01(\r\x12\x1e\n\x06limits\x18\t \x01(\x0b\x32\x0e.mbt.v1.Limits\x12\x0f\n\x07\x64_model\x18\n \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x0b \x01(\r\x12\x15\n\ropen_sessions\x18\x0c \x01(\r\x12\x15\n\rcached_tokens\x18\r \x01(\x04\"P\n\x0bSessionStep\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06length\x18\x03 \x01(\r\x12\x0e\n\x06secret\x18\x04 \x01(\x0c\"\x89\x01\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x10\n\x08\x62ranches\x18\x02 \x03(\r\x12\"\n\x05steps\x18\x03 \x03(\x0b\x32\x13.mbt.v1.SessionStep\x12\x1e\n\x06inputs\x18\x04 \x01(\x0b\x32\x0e.mbt.v1.Tensor\x12\x12\n\nrequest_id\x18\x05 \x01(\x04\"?\n\x0c\x42ranchOutput\x12\x0e\n\x06\x62ranch\x18\x01 \x01(\r\x12\x1f\n\x07outputs\x18\x02 \x01(\x0b\x32\x0e.mbt.v1.Tensor\"Q\n\x0f\x46orwardResponse\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.mbt.v1.BranchOutput\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\"V\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\x12\x19\n\x0c\x63\x61\x63he_length\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x0f\n\r_cache_length\"}\n\x0c\x46orwardReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x17.mbt.v1.ForwardResponseH\x00\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.mbt.v1.CallErrorH\x00\x42\x08\n\x06result\"7\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\x0c\"-\n\x12\x45ndSessionResponse\x12\x17\n\x0freleased_caches\x18\x01 \x01(\r*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*#\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x32\x92\x02\n\rBranchService\x12=\n\x08\x44\x65scribe\x12\x17.mbt.v1.DescribeRequest\x1a\x18.mbt.v1.DescribeResponse\x12:\n\x07\x46orward\x12\x16.mbt.v1.ForwardRequest\x1a\x17.mbt.v1.ForwardResponse\x12\x41\n\rForwardStream\x12\x16.mbt.v1.ForwardRequest\x1a\x14.mbt.v1.ForwardReply(\x01\x30\x01\x12\x43\n\nEndSession\x12\x19.mbt.v1.EndSessionRequest\x1a\x1a.mbt.v1.EndSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mbt.v1.branch_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1325
-  _globals['_DTYPE']._serialized_end=1413
-  _globals['_COMPRESSION']._serialized_start=1415
-  _globals['_COMPRESSION']._serialized_end=1450
+  _globals['_DTYPE']._serialized_start=1474
+  _globals['_DTYPE']._serialized_end=1562
+  _globals['_COMPRESSION']._serialized_start=1564
+  _globals['_COMPRESSION']._serialized_end=1599
   _globals['_TENSOR']._serialized_start=31
   _globals['_TENSOR']._serialized_end=142
   _globals['_DESCRIBEREQUEST']._serialized_start=144
@@ -42,25 +42,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVEDBRANCH']._serialized_start=163
   _globals['_SERVEDBRANCH']._serialized_end=233
   _globals['_LIMITS']._serialized_start=236
-  _globals['_LIMITS']._serialized_end=377
-  _globals['_DESCRIBERESPONSE']._serialized_start=380
-  _globals['_DESCRIBERESPONSE']._serialized_end=666
-  _globals['_SESSIONSTEP']._serialized_start=668
-  _globals['_SESSIONSTEP']._serialized_end=732
-  _globals['_FORWARDREQUEST']._serialized_start=735
-  _globals['_FORWARDREQUEST']._serialized_end=872
-  _globals['_BRANCHOUTPUT']._serialized_start=874
-  _globals['_BRANCHOUTPUT']._serialized_end=937
-  _globals['_FORWARDRESPONSE']._serialized_start=939
-  _globals['_FORWARDRESPONSE']._serialized_end=1020
-  _globals['_CALLERROR']._serialized_start=1022
-  _globals['_CALLERROR']._serialized_end=1108
-  _globals['_FORWARDREPLY']._serialized_start=1110
-  _globals['_FORWARDREPLY']._serialized_end=1235
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1237
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1276
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=1278
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=1323
-  _globals['_BRANCHSERVICE']._serialized_start=1453
-  _globals['_BRANCHSERVICE']._serialized_end=1727
+  _globals['_LIMITS']._serialized_end=448
+  _globals['_DESCRIBERESPONSE']._serialized_start=451
+  _globals['_DESCRIBERESPONSE']._serialized_end=783
+  _globals['_SESSIONSTEP']._serialized_start=785
+  _globals['_SESSIONSTEP']._serialized_end=865
+  _globals['_FORWARDREQUEST']._serialized_start=868
+  _globals['_FORWARDREQUEST']._serialized_end=1005
+  _globals['_BRANCHOUTPUT']._serialized_start=1007
+  _globals['_BRANCHOUTPUT']._serialized_end=1070
+  _globals['_FORWARDRESPONSE']._serialized_start=1072
+  _globals['_FORWARDRESPONSE']._serialized_end=1153
+  _globals['_CALLERROR']._serialized_start=1155
+  _globals['_CALLERROR']._serialized_end=1241
+  _globals['_FORWARDREPLY']._serialized_start=1243
+  _globals['_FORWARDREPLY']._serialized_end=1368
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1370
+  _globals['_ENDSESSIONREQUEST']._serialized_end=1425
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=1427
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=1472
+  _globals['_BRANCHSERVICE']._serialized_start=1602
+  _globals['_BRANCHSERVICE']._serialized_end=1876
 # @@protoc_insertion_point(module_scope)

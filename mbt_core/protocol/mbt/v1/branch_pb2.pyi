@@ -50,21 +50,25 @@ class ServedBranch(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., branch: _Optional[int] = ..., artifact_sha256: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_sessions", "max_cached_tokens", "max_message_bytes", "max_steps_per_call", "max_tokens_per_call")
+    __slots__ = ("max_sessions", "max_cached_tokens", "max_message_bytes", "max_steps_per_call", "max_tokens_per_call", "max_sessions_per_caller", "max_cached_tokens_per_caller")
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_PER_CALL_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_CALL_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_PER_CALLER_FIELD_NUMBER: _ClassVar[int]
+    MAX_CACHED_TOKENS_PER_CALLER_FIELD_NUMBER: _ClassVar[int]
     max_sessions: int
     max_cached_tokens: int
     max_message_bytes: int
     max_steps_per_call: int
     max_tokens_per_call: int
-    def __init__(self, max_sessions: _Optional[int] = ..., max_cached_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_steps_per_call: _Optional[int] = ..., max_tokens_per_call: _Optional[int] = ...) -> None: ...
+    max_sessions_per_caller: int
+    max_cached_tokens_per_caller: int
+    def __init__(self, max_sessions: _Optional[int] = ..., max_cached_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_steps_per_call: _Optional[int] = ..., max_tokens_per_call: _Optional[int] = ..., max_sessions_per_caller: _Optional[int] = ..., max_cached_tokens_per_caller: _Optional[int] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("node_id", "model_id", "model_version", "manifest_sha256", "branches", "device", "dtype", "protocol_version", "limits", "d_model", "context_length")
+    __slots__ = ("node_id", "model_id", "model_version", "manifest_sha256", "branches", "device", "dtype", "protocol_version", "limits", "d_model", "context_length", "open_sessions", "cached_tokens")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +80,8 @@ class DescribeResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     model_id: str
     model_version: int
@@ -87,17 +93,21 @@ class DescribeResponse(_message.Message):
     limits: Limits
     d_model: int
     context_length: int
-    def __init__(self, node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., model_version: _Optional[int] = ..., manifest_sha256: _Optional[str] = ..., branches: _Optional[_Iterable[_Union[ServedBranch, _Mapping]]] = ..., device: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., protocol_version: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., d_model: _Optional[int] = ..., context_length: _Optional[int] = ...) -> None: ...
+    open_sessions: int
+    cached_tokens: int
+    def __init__(self, node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., model_version: _Optional[int] = ..., manifest_sha256: _Optional[str] = ..., branches: _Optional[_Iterable[_Union[ServedBranch, _Mapping]]] = ..., device: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., protocol_version: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., d_model: _Optional[int] = ..., context_length: _Optional[int] = ..., open_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class SessionStep(_message.Message):
-    __slots__ = ("session_id", "start", "length")
+    __slots__ = ("session_id", "start", "length", "secret")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start: int
     length: int
-    def __init__(self, session_id: _Optional[str] = ..., start: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    secret: bytes
+    def __init__(self, session_id: _Optional[str] = ..., start: _Optional[int] = ..., length: _Optional[int] = ..., secret: _Optional[bytes] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("layer", "branches", "steps", "inputs", "request_id")
@@ -150,10 +160,12 @@ class ForwardReply(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., response: _Optional[_Union[ForwardResponse, _Mapping]] = ..., error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "secret")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    secret: bytes
+    def __init__(self, session_id: _Optional[str] = ..., secret: _Optional[bytes] = ...) -> None: ...
 
 class EndSessionResponse(_message.Message):
     __slots__ = ("released_caches",)
