@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+import grpc
 import torch
 from torch import Tensor
 
@@ -54,6 +55,22 @@ class LayerReport(NamedTuple):
     branches: tuple[BranchReport, ...]
     latency_s: float
     lost_weight: float
+
+
+# Failures that say something about the node (down, slow, overloaded, broken), so that it
+# is benched for a while. A refusal of the request itself (a late hedge's session that has
+# ended meanwhile, a cache gap) says nothing of the kind: benching a healthy replica for it
+# leaves the branch one fault away from being masked.
+NODE_TROUBLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+    }
+)
 
 
 @dataclass
@@ -144,7 +161,10 @@ class _NodeCalls:
     def __init__(
         self, engine: Engine, batch: list[_Step], layer: int, plan: dict[int, list[Node]]
     ) -> None:
-        self._engine, self._batch, self._layer = engine, batch, layer
+        self._engine, self._layer = engine, layer
+        # Taken now: a call that outlives the layer step (a hedge's loser, an audit) replays
+        # from these, while the steps themselves have moved on to the next layer's inputs.
+        self._parts = _parts(batch)
         self._payloads: dict[torch.dtype, Payload] = {}  # built once for every node asked
         self._planned: dict[str, tuple[int, ...]] = {}
         for b, nodes in plan.items():
@@ -166,7 +186,7 @@ class _NodeCalls:
         self._running[key] = outcome
         try:
             answers = await self._engine._call(
-                node, self._batch, self._layer, branches, self.payload
+                node, self._parts, self._layer, branches, self.payload
             )
         except asyncio.CancelledError:
             outcome.cancel()
@@ -182,7 +202,7 @@ class _NodeCalls:
         """The whole batch's payload in ``dtype``, serialized once for all nodes that take it."""
         payload = self._payloads.get(dtype)
         if payload is None:
-            payload = self._payloads[dtype] = _payload(self._layer, _parts(self._batch), dtype)
+            payload = self._payloads[dtype] = _payload(self._layer, self._parts, dtype)
         return payload
 
 
@@ -614,25 +634,26 @@ class Engine:
     async def _call(
         self,
         node: Node,
-        batch: list[_Step],
+        parts: list[_Part],
         layer: int,
         branches: tuple[int, ...],
         shared: Callable[[torch.dtype], Payload] | None = None,
     ) -> dict[int, _Answer]:
         """One Forward to ``node`` for all of ``branches``, counted per branch."""
+        for part in parts:  # asked is enough: a node may run a call its caller gave up on
+            part.session.nodes.add(node.node_id)
         t0 = time.perf_counter()
         try:
-            outputs = await self._forward(node, batch, layer, branches, shared)
+            outputs = await self._forward(node, parts, layer, branches, shared)
         except NodeCallError as exc:
-            self.registry.failed(node)
+            if exc.code in NODE_TROUBLE:  # not a refusal of this request (an ended session)
+                self.registry.failed(node)
             outcome = "timeout" if exc.code.name == "DEADLINE_EXCEEDED" else "error"
             for b in branches:
                 self.metrics.branch_call(layer, b, node.node_id, outcome)
             raise
         seconds = time.perf_counter() - t0
         node.record_success(seconds)
-        for step in batch:
-            step.session.nodes.add(node.node_id)
         for b in branches:
             self.metrics.branch_call(layer, b, node.node_id, "ok", seconds)
         return {b: _Answer(outputs[b], node, seconds) for b in branches}
@@ -640,34 +661,34 @@ class Engine:
     async def _forward(
         self,
         node: Node,
-        batch: list[_Step],
+        parts: list[_Part],
         layer: int,
         branches: tuple[int, ...],
         shared: Callable[[torch.dtype], Payload] | None = None,
     ) -> dict[int, Tensor]:
-        """The whole batch's outputs from ``node``, packed as the steps are (``shared``: the
+        """The outputs of ``parts`` from ``node``, packed as they are (``shared``: the
         fan-out's payload, when it fits the node); a node that missed positions is replayed."""
         try:
-            return await self._send(node, layer, branches, _parts(batch), shared)
+            return await self._send(node, layer, branches, parts, shared)
         except CacheGap as gap:
-            if len(batch) > 1:  # which session has the hole: each on its own, each replayed
-                parts = await asyncio.gather(
-                    *(self._forward(node, [s], layer, branches) for s in batch)
+            if len(parts) > 1:  # which session has the hole: each on its own, each replayed
+                outs = await asyncio.gather(
+                    *(self._forward(node, [p], layer, branches) for p in parts)
                 )
-                return {b: torch.cat([p[b] for p in parts]) for b in branches}
+                return {b: torch.cat([o[b] for o in outs]) for b in branches}
             refusal = gap
-        (step,) = batch
-        rows = step.h.shape[0]
-        # The node missed positions start..step.start: replay them with this step. Its
+        (part,) = parts
+        rows = part.h.shape[0]
+        # The node missed positions start..part.start: replay them with this part. Its
         # branches may hold different lengths; each refusal names a shorter one.
         for _ in range(len(branches)):
             start = refusal.length
-            if start >= step.start:
+            if start >= part.start:
                 raise refusal
-            replay = step.session.history[layer][start : step.start + rows]
+            replay = part.session.history[layer][start : part.start + rows]
             self.metrics.replays.labels(node=node.node_id[:16]).inc()
             try:
-                outs = await self._send(node, layer, branches, [_Part(step.session, start, replay)])
+                outs = await self._send(node, layer, branches, [_Part(part.session, start, replay)])
             except CacheGap as again:
                 if again.length >= start:
                     raise

@@ -29,6 +29,8 @@ from mbt_core.checkpoint import load_checkpoint
 from mbt_core.export import export_artifacts
 from mbt_core.manifest import read_manifest
 from mbt_core.process import ManagedProcess, start_process
+from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
+from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
 from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
 from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 from mbt_core.service import TlsConfig
@@ -239,6 +241,14 @@ class LocalCluster:
     def credentials(self) -> Credentials:
         """What a client of this cluster's gateway presents (a client certificate with TLS)."""
         return Credentials(self._tls_config("client", "client") if self.tls else TlsConfig())
+
+    def describe_node(self, i: int, timeout_s: float = 5.0) -> pb.DescribeResponse:
+        """Node ``i``'s Describe, asked as the gateway's peer would (an aggregator's
+        certificate of its own with TLS)."""
+        tls = self._tls_config("inspector", "aggregator") if self.tls else TlsConfig()
+        with Credentials(tls).channel(self.nodes[i].address) as channel:
+            stub = pb_grpc.BranchServiceStub(channel)
+            return stub.Describe(pb.DescribeRequest(), timeout=timeout_s)
 
     def status(self) -> gw.StatusResponse:
         with self.credentials.channel(self.address) as channel:

@@ -13,8 +13,11 @@ Nothing a LAN host can send displaces a node that is healthy where it is, with o
 
 - a candidate that claims the id of an admitted node at another address is refused
   (``reason="conflict"``) while that node answers its health check; if it does not, the id has
-  moved (or was taken while the node was away) and the candidate replaces it, but the old
-  address stays watched, and a node that answers there again under its id is reinstated;
+  moved (or was taken while the node was away) and the candidate replaces it;
+- the address a node id was healthy at before it left (failed health checks) or was displaced
+  is its home for ``HOME_KEPT_S``: it stays watched, retried every health interval, and a node
+  that answers there again under that id is reinstated, dropping whoever took the id meanwhile.
+  Without TLS nothing proves which of two claimants is genuine: the first one holds;
 - an mDNS goodbye (or a vanished record) drops a node only once a health check confirms that
   it no longer answers: anyone can forge a goodbye.
 
@@ -42,14 +45,14 @@ from mbt_aggregator.registry import Node, Registry
 
 log = logging.getLogger("mbt_aggregator")
 REPEAT_LOG_S = 60.0  # a candidate that keeps failing is logged again at most this often
-DISPLACED_WATCH_S = 3600.0  # how long the address of a displaced node is watched
+HOME_KEPT_S = 3600.0  # how long the address a node id left from is watched as its home
 
 
 @dataclass
 class _Watched:
     """An address to admit a node from, and how trying it went."""
 
-    source: str  # static | mdns | displaced
+    source: str  # static | mdns | home | recheck
     claimed_id: str | None  # the id its record announced (None: a static peer)
     failures: int = 0
     next_try: float = 0.0
@@ -87,7 +90,7 @@ class Membership:
         self._health_failures: dict[str, int] = {}
         self._pending: set[str] = set()
         self._watched: dict[str, _Watched] = {}
-        self._displaced: dict[str, str] = {}  # node id -> the address it was displaced from
+        self._homes: dict[str, tuple[str, float]] = {}  # node id -> (address it left, until)
         self._tasks: list[asyncio.Task[None]] = []
         self.changed = asyncio.Event()  # set whenever a node enters or leaves
 
@@ -199,11 +202,14 @@ class Membership:
     async def _take_place(self, node: Node) -> bool:
         """Put ``node`` in the registry unless its id is healthy at another address."""
         current = self.registry.get(node.node_id)
+        at_home = self._home_of(node.node_id) == node.address
+        if at_home:
+            del self._homes[node.node_id]
         if current is None or current.address == node.address:
             self.registry.add(node)
             return True
         events = self.metrics.membership_events
-        if self._displaced.get(node.node_id) == node.address:  # its home answers again
+        if at_home:
             events.labels(event="reinstated").inc()
             log.warning(
                 "node %s is back at %s: reinstated, dropping %s, which took its id meanwhile",
@@ -211,7 +217,6 @@ class Membership:
                 node.address,
                 current.address,
             )
-            del self._displaced[node.node_id]
             self._replace(current, node)
             return True
         if await self._serving(current):
@@ -224,14 +229,21 @@ class Membership:
             current.address,
             node.address,
         )
-        self._displaced[node.node_id] = current.address
-        home = self._watched.get(current.address)
-        if home is None or home.source == "displaced":
-            self._watched[current.address] = _Watched(
-                "displaced", node.node_id, until=self._now() + DISPLACED_WATCH_S
-            )
+        self._keep_home(current)
         self._replace(current, node)
         return True
+
+    def _home_of(self, node_id: str) -> str | None:
+        home = self._homes.get(node_id)
+        return home[0] if home is not None and home[1] > self._now() else None
+
+    def _keep_home(self, node: Node) -> None:
+        """Remember where ``node`` was healthy, and watch that address."""
+        until = self._now() + HOME_KEPT_S
+        self._homes[node.node_id] = (node.address, until)
+        watched = self._watched.get(node.address)
+        if watched is None or watched.source == "home":
+            self._watched[node.address] = _Watched("home", node.node_id, until=until)
 
     def _replace(self, current: Node, node: Node) -> None:
         self.registry.add(node)  # same id: takes current's place
@@ -246,6 +258,8 @@ class Membership:
         now = self._now()
         watched.failures += 1
         backoff = self.health_interval_s * 2 ** min(watched.failures - 1, 16)
+        if address in {a for a, _ in self._homes.values()}:
+            backoff = self.health_interval_s  # a home is tried at every beat: a quick return
         watched.next_try = now + min(backoff, self.retry_cap_s)
         if watched.down_since is None or exc.reason != watched.reason:
             watched.down_since, watched.reason = now, exc.reason
@@ -302,6 +316,7 @@ class Membership:
             failures = self._health_failures.get(node.node_id, 0) + 1
             self._health_failures[node.node_id] = failures
             if failures >= self.max_failures:
+                self._keep_home(node)
                 await self._drop(
                     node, f"{failures} failed health checks ({exc.code.name})", logging.WARNING
                 )

@@ -147,22 +147,28 @@ class Registry:
         return min((n.session_quota for n in self._nodes.values()), default=default)
 
     def replicas(self, key: BranchKey) -> list[Node]:
-        """Usable replicas of one branch, fastest first (never a quarantined one)."""
+        """Replicas of one branch to call, fastest first (never a quarantined one; benched
+        ones only when no other is left)."""
         return self.layer_replicas(key[0], key[1] + 1).get(key[1], [])
 
     def layer_replicas(self, layer: int, branches: int) -> dict[int, list[Node]]:
         """:meth:`replicas` of branches ``0..branches-1`` of ``layer`` at once, in branch
-        order (branches without a usable replica left out): one pass over the nodes for the
-        whole fan-out, and no sort where a branch has one replica. Sorted by latency alone: a
+        order (branches without a replica left out): one pass over the nodes for the whole
+        fan-out, and no sort where a branch has one replica. Sorted by latency alone: a
         replica whose back-off ran out competes again on its speed (a failure count in the key
-        would keep a once-paused node last forever)."""
+        would keep a once-paused node last forever). A branch whose every replica is benched
+        still gets them, the one back soonest first: a benched replica may well answer (it
+        only timed out while its machine was busy), a masked branch never does."""
         now = self._clock()
         found: dict[int, list[Node]] = {}
+        benched: dict[int, list[Node]] = {}
         for node in self._nodes.values():
             served = node.layer_branches(layer)
-            if served and self._usable(node, now):
-                for b in served:
-                    found.setdefault(b, []).append(node)
+            if not served or self._quarantined_at(node.node_id, now):
+                continue
+            into = found if node.usable(now) else benched
+            for b in served:
+                into.setdefault(b, []).append(node)
         out = {}
         for b in range(branches):
             nodes = found.get(b)
@@ -170,6 +176,8 @@ class Registry:
                 if len(nodes) > 1:
                     nodes.sort(key=Node.latency_estimate)  # stable: ties keep admission order
                 out[b] = nodes
+            elif nodes := benched.get(b):
+                out[b] = sorted(nodes, key=lambda n: n.benched_until)
         return out
 
     def live_replicas(self, key: BranchKey) -> int:
@@ -177,8 +185,11 @@ class Registry:
         return sum(1 for n in self._nodes.values() if key in n.branches and self._usable(n, now))
 
     def _usable(self, node: Node, now: float) -> bool:
-        conduct = self._conduct.get(node.node_id)
-        return node.usable(now) and (conduct is None or now >= conduct.until)
+        return node.usable(now) and not self._quarantined_at(node.node_id, now)
+
+    def _quarantined_at(self, node_id: str, now: float) -> bool:
+        conduct = self._conduct.get(node_id)
+        return conduct is not None and now < conduct.until
 
     def strike(self, node_id: str, policy: QuarantinePolicy) -> float | None:
         """Count one rejected answer of ``node_id``; returns the quarantine's length in seconds
@@ -203,8 +214,7 @@ class Registry:
         return period
 
     def quarantined(self, node_id: str) -> bool:
-        conduct = self._conduct.get(node_id)
-        return conduct is not None and self._clock() < conduct.until
+        return self._quarantined_at(node_id, self._clock())
 
     def quarantined_count(self) -> int:
         """Admitted nodes in quarantine now (read by the metrics thread: copies, no iteration

@@ -1,4 +1,5 @@
-"""mbt-bench: benchmarks of the MBT runtime (mbt-bench outage: the outage simulation)."""
+"""mbt-bench: benchmarks of the MBT runtime (outage: the outage simulation; soak: churn under
+load for minutes)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import FrameType
 
@@ -18,6 +19,7 @@ from mbt_aggregator.outage.plots import latency_plot, quality_plot
 from mbt_aggregator.outage.report import baseline_row, table, table_row, write_json
 from mbt_aggregator.outage.runner import BenchConfig, payload, run_outage
 from mbt_aggregator.outage.scenario import Scenario, load_scenario, shipped_names
+from mbt_aggregator.outage.soak import SoakConfig, run_soak, soak_doc, summary
 from mbt_aggregator.outage.workload import QUICK, Workload
 from mbt_core.checkpoint import load_checkpoint
 from mbt_core.errors import MbtError
@@ -171,7 +173,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--no-sweep", action="store_true", help="skip the kill 0..k nodes sweep")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_soak(sub)
     return p
+
+
+def _add_soak(sub: argparse._SubParsersAction) -> None:
+    d = SoakConfig()
+    s = sub.add_parser(
+        "soak",
+        help="clients generate for minutes while nodes are killed, restarted, paused, resumed",
+        description=soak_doc(),
+        epilog="examples:\n  mbt-bench soak                      # 10 min, 4 nodes x 2 "
+        "replicas, 4 clients\n  mbt-bench soak --duration-s 60 --seed 3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument(
+        "--duration-s", type=float, default=d.duration_s, help="of the load (%(default)s)"
+    )
+    s.add_argument("--clients", type=int, default=d.clients, help="concurrent (%(default)s)")
+    s.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="per request")
+    s.add_argument("--nodes", type=int, default=d.layout.nodes, help="(%(default)s)")
+    s.add_argument(
+        "--replicas", type=int, default=d.layout.replicas, help="per branch, >= 2 (%(default)s)"
+    )
+    s.add_argument("--seed", type=int, default=d.seed, help="of the faults drawn (%(default)s)")
+    s.add_argument("--checkpoint", type=Path, default=None, help="model (default: shipped)")
+    s.add_argument(
+        "--out", type=Path, default=Path("soak-report"), help="output folder (%(default)s)"
+    )
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_soak_command(args: argparse.Namespace) -> int:
+    cfg = SoakConfig(
+        duration_s=args.duration_s,
+        clients=args.clients,
+        max_new_tokens=args.max_new_tokens,
+        layout=Layout(args.nodes, args.replicas),
+        seed=args.seed,
+        checkpoint=args.checkpoint,
+        progress=not args.no_progress,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = run_soak(cfg)
+    data = asdict(result) | {"missed": result.missed()}
+    (args.out / "gateway.log").write_text(data.pop("gateway_log"), encoding="utf-8")
+    write_json(args.out / "soak.json", data)
+    print(summary(result))
+    print(f"wrote {args.out / 'soak.json'}, {args.out / 'gateway.log'}")
+    return 1 if result.missed() else 0
 
 
 def _layout(args: argparse.Namespace) -> Layout:
@@ -292,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if args.bench == "soak":
+            return run_soak_command(args)
         return run_outage_command(args)
     except (MbtError, ValueError, OSError, StartError, TimeoutError) as exc:
         print(f"mbt-bench {args.bench}: error: {exc}", file=sys.stderr)

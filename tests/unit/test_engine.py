@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -10,7 +11,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from mbt_aggregator.client import CacheGap, NodeCallError, Payload
-from mbt_aggregator.engine import MASKED, OK, Engine
+from mbt_aggregator.engine import MASKED, OK, Engine, _NodeCalls, _Step
 from mbt_aggregator.generation import generate_tokens
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.policy import FanoutPolicy
@@ -31,6 +32,7 @@ class FakeClient:
         self.model = model
         self.caches: dict[tuple[str, int, int], BranchCache] = {}
         self.fail = False
+        self.refuse: str | None = None  # a refusal of the request (FAILED_PRECONDITION)
         self.calls = 0
         self.steps_per_call: list[int] = []
         self.branches_per_call: list[tuple[int, ...]] = []
@@ -40,6 +42,8 @@ class FakeClient:
         self.calls += 1
         if self.fail:
             raise NodeCallError("fake", grpc.StatusCode.UNAVAILABLE, "down")
+        if self.refuse is not None:
+            raise NodeCallError("fake", grpc.StatusCode.FAILED_PRECONDITION, self.refuse)
         # What a node reads: the bytes a node would be sent, merged with its branches.
         request = pb.ForwardRequest.FromString(payload.request(branches, self.calls))
         layer, steps, inputs = request.layer, request.steps, decode(request.inputs)
@@ -112,7 +116,10 @@ def test_failed_node_is_masked_and_weights_renormalized(tiny_model: MBTLanguageM
     assert torch.equal(out, ref)
     alpha = tiny_model.layers[1].weights().detach()
     assert report.lost_weight == pytest.approx(float(alpha[2]))
-    assert engine.registry.replicas((1, 2)) == []  # benched after the failure
+    node = engine.registry.get("b")
+    assert node is not None and not node.usable(time.monotonic())  # benched after the failure
+    # ... but still called while no other replica is left: it may answer, a mask never does
+    assert engine.registry.replicas((1, 2)) == [node]
 
 
 def test_a_node_that_lost_its_cache_is_replayed(tiny_model: MBTLanguageModel) -> None:
@@ -279,3 +286,53 @@ def test_a_step_that_cannot_go_on_fails_alone(tiny_model: MBTLanguageModel) -> N
         assert logits.shape == (2, tiny_model.cfg.vocab_size) and len(reports) == 2
 
     asyncio.run(run())
+
+
+def test_a_call_that_outlives_its_step_sends_the_inputs_of_its_layer(
+    tiny_model: MBTLanguageModel,
+) -> None:
+    """A hedge's loser or an audit may reach a node after the step it belongs to has moved on
+    to the next layer's inputs; when one session of its batch needs a replay, the others are
+    sent again one by one, and must still carry their own layer's inputs (a churn soak once
+    saw replicas disagree from such calls, and mask the branch)."""
+    engine, clients = _engine(tiny_model, {"a": _all(tiny_model)})
+    node = engine.registry.get("a")
+    assert node is not None
+    d = tiny_model.cfg.d_model
+    h = {name: torch.randn(6, d) for name in ("kept", "lost")}
+    sessions = {name: Session() for name in h}
+    for name, session in sessions.items():
+        asyncio.run(engine.run_layer(session, 0, 0, h[name][:5]))
+    for key in [k for k in clients["a"].caches if k[0] == sessions["lost"].session_id]:
+        del clients["a"].caches[key]  # this one needs a replay, the other does not
+    loop = asyncio.new_event_loop()
+    steps = [_Step(sessions[n], 5, h[n][5:], 0, 1, False, loop.create_future()) for n in sessions]
+    for name, session in sessions.items():
+        session.history[0].record(5, h[name][5:])  # as the layer's worker does
+    calls = _NodeCalls(engine, steps, 0, {0: [node]})
+    for step in steps:
+        step.h = torch.randn(1, d)  # the steps moved on to layer 1
+    try:
+        answer = loop.run_until_complete(calls.answer(node, 0))
+    finally:
+        loop.close()
+    with torch.no_grad():
+        branch = tiny_model.layers[0].branches[0]
+        ref = torch.cat([branch(h[n][None])[0, 5:] for n in sessions])
+    assert torch.allclose(answer.outputs, ref, atol=1e-5)
+
+
+def test_a_refused_request_does_not_bench_the_node(tiny_model: MBTLanguageModel) -> None:
+    """A late call whose session has ended is refused: the node is fine, and stays usable
+    (benching it left its branch one fault away from a mask)."""
+    rest = [k for k in _all(tiny_model) if k != (0, 0)]
+    engine, clients = _engine(tiny_model, {"a": [(0, 0)], "b": rest})
+    clients["a"].refuse = "step 0: the session was ended; open a new one"
+    h = torch.randn(2, tiny_model.cfg.d_model)
+    _, report = asyncio.run(engine.run_layer(Session(), 0, 0, h))
+    assert [b.outcome for b in report.branches] == [MASKED, OK]
+    node = engine.registry.get("a")
+    assert node is not None and node.usable(time.monotonic())
+    clients["a"].refuse, clients["a"].fail = None, True
+    asyncio.run(engine.run_layer(Session(), 0, 0, h))
+    assert not node.usable(time.monotonic())  # a node that is down is benched

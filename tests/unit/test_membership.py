@@ -155,6 +155,35 @@ def test_a_displaced_node_comes_back_when_it_answers_again(
     assert _event(metrics, "displaced") == 1 and _event(metrics, "reinstated") == 1
 
 
+def test_a_node_dropped_by_health_checks_is_reinstated_at_its_home(
+    admitting: dict[str, Answering],
+) -> None:
+    """Paused long enough to fail its health checks, the real node left the registry; a copy
+    of its id was then admitted like any newcomer. The real node's address stays its home: it
+    is tried at every beat (no back-off) and, answering again, takes its id back."""
+    membership, registry, metrics = _membership()
+    admitting["real:1"] = real = Answering("n1")
+    admitting["rogue:2"] = rogue = Answering("n1")
+
+    async def main() -> None:
+        await membership.offer("real:1", "mdns", "n1")
+        real.up = False
+        for _ in range(membership.max_failures):
+            await membership._check(registry.get("n1"))  # type: ignore[arg-type]
+        assert registry.get("n1") is None
+        await membership._try("real:1")  # the watch loop, while it is still away
+        watched = membership._watched["real:1"]
+        assert watched.next_try - membership._now() <= membership.health_interval_s
+        await membership.offer("rogue:2", "mdns", "n1")
+        assert registry.get("n1").address == "rogue:2"  # type: ignore[union-attr]
+        real.up = True
+        await membership._try("real:1")
+
+    asyncio.run(main())
+    assert registry.get("n1").address == "real:1" and rogue.closed  # type: ignore[union-attr]
+    assert _event(metrics, "reinstated") == 1 and _event(metrics, "displaced") == 0
+
+
 def test_a_goodbye_is_believed_only_once_the_node_stops_answering(
     admitting: dict[str, Answering],
 ) -> None:
