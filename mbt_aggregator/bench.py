@@ -6,7 +6,10 @@ From one run on this machine (ratios, since the machines are shared and noisy):
   fan-out of the same payload to as many echo processes, plus one branch's compute; for one
   session's one-token step, or (``--rows``) the continuous batch of several sessions' steps;
 * per-token latency of distributed greedy generation against in-process generation;
-* tokens/s of N concurrent generations against one generation.
+* tokens/s of N concurrent generations against one generation;
+* with ``--wire-dtypes``, for each wire dtype (the gateway restarted with ``--wire-dtype``):
+  bytes per layer step, sent and received, over one greedy generation, and the KL divergence
+  of the scored next-token distributions from the in-process float32 model.
 
 It runs a :class:`LocalCluster` of the shipped model (or ``--checkpoint``, or an untrained model
 ``--d-model`` wide, for other payload sizes) and cleans it up.
@@ -32,16 +35,20 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from mbt_aggregator.client import NodeClient
+from mbt_aggregator.config import WIRE_DTYPES
 from mbt_aggregator.defense import Defense, DefenseConfig
 from mbt_aggregator.engine import Engine
 from mbt_aggregator.local_cluster import Layout, LocalCluster
 from mbt_aggregator.metrics import Metrics
+from mbt_aggregator.outage.baseline import window_logprobs
+from mbt_aggregator.outage.report import kl_divergence
+from mbt_aggregator.outage.workload import perplexity_text
 from mbt_aggregator.policy import FanoutPolicy
 from mbt_aggregator.registry import Node, Registry
-from mbt_aggregator.remote import generate_remote
+from mbt_aggregator.remote import GatewayClient, generate_remote
 from mbt_aggregator.session import Session
 from mbt_core.checkpoint import load_checkpoint, save_checkpoint
-from mbt_core.codec import encode
+from mbt_core.codec import decode, encode
 from mbt_core.config import AggregationConfig
 from mbt_core.manifest import read_manifest
 from mbt_core.model import MBTLanguageModel
@@ -180,6 +187,41 @@ def _widened(d_model: int, root: Path) -> Path:
     return path
 
 
+WIRE_TEXT_CHARS = 1200  # the outage bench's excerpt of The Tempest: ~3 context windows
+
+
+def _wire(
+    cluster: LocalCluster, gateway_args: Sequence[str], dtype: str, tokens: int
+) -> dict[str, Any]:
+    """One wire dtype: bytes per layer step over one greedy generation (deltas of the gateway's
+    counters), and the KL of the scored text from the in-process float32 model."""
+    cluster.restart_gateway([*gateway_args, "--wire-dtype", dtype])
+    cluster.wait_until_complete()
+
+    def counters() -> tuple[float, float, float]:
+        m = cluster.gateway_metrics()
+        steps = sum(v for (name, _), v in m.items() if name == "mbt_layer_step_seconds_count")
+        sent = m[("mbt_wire_bytes_total", (("direction", "sent"),))]
+        return steps, sent, m[("mbt_wire_bytes_total", (("direction", "received"),))]
+
+    before = counters()
+    cfg = SamplingConfig(max_new_tokens=tokens, temperature=0, stop_at_eos=False)
+    produced = [e.token_id for e in generate_remote(cluster.address, "ROMEO:", cfg)]
+    steps, sent, received = (a - b for a, b in zip(counters(), before, strict=True))
+    ckpt = load_checkpoint(cluster.checkpoint)
+    text = perplexity_text(WIRE_TEXT_CHARS)
+    reference = window_logprobs(ckpt.model, ckpt.tokenizer.encode(text)).numpy()
+    reply = GatewayClient(cluster.address).score(text, return_logprobs=True)
+    in_process = [t for t, _ in generate(ckpt.model, ckpt.tokenizer.encode("ROMEO:"), cfg)]
+    return {
+        "dtype": dtype,
+        "sent_bytes_per_layer_step": sent / steps,
+        "received_bytes_per_layer_step": received / steps,
+        "kl_vs_float32": kl_divergence(reference, decode(reply.logprobs).numpy()),
+        "greedy_equal": produced == in_process,
+    }
+
+
 def run_bench(
     checkpoint: Path | None = None,
     iters: int = 200,
@@ -187,6 +229,7 @@ def run_bench(
     concurrency: int = 32,
     rows: Sequence[int] = (1,),
     d_model: int | None = None,
+    wire_dtypes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The figures of one run; the fan-out figures at the top level are those of ``rows[0]``,
     and ``fanouts`` holds one entry per row count."""
@@ -214,6 +257,7 @@ def run_bench(
             for _ in range(_THROUGHPUT_RUNS):
                 for n in runs:
                     runs[n].append(_tokens_per_s(cluster.address, n, tokens))
+            wire = [_wire(cluster, per_client, d, tokens) for d in wire_dtypes]
     single, many = statistics.median(runs[1]), statistics.median(runs[concurrency])
     result: dict[str, Any] = dict(fanouts[0])
     result.update(
@@ -225,6 +269,7 @@ def run_bench(
             f"tokens_per_s_{concurrency}": many,
             "concurrency": concurrency,
             "throughput_ratio": many / single,
+            "wire": wire,
         }
     )
     result["token_latency_ratio"] = result["token_ms_distributed"] / result["token_ms_in_process"]
@@ -265,13 +310,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--tokens", type=int, default=32, help="tokens per generation")
     p.add_argument("--concurrency", type=int, default=32, help="concurrent generations")
+    p.add_argument(
+        "--wire-dtypes",
+        type=_wire_dtypes,
+        default=(),
+        metavar="D[,D...]",
+        help=f"also measure these wire dtypes ({', '.join(WIRE_DTYPES[1:])}): bytes per layer "
+        "step and KL against float32",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.d_model is not None and args.checkpoint is not None:
         p.error("give --checkpoint or --d-model, not both")
     try:
         r = run_bench(
-            args.checkpoint, args.iters, args.tokens, args.concurrency, args.rows, args.d_model
+            args.checkpoint,
+            args.iters,
+            args.tokens,
+            args.concurrency,
+            args.rows,
+            args.d_model,
+            args.wire_dtypes,
         )
     except ValueError as exc:
         p.error(str(exc))
@@ -307,7 +366,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  throughput ratio  {n} generations / 1                   = "
         f"{r['throughput_ratio']:.2f}{target}"
     )
+    if r["wire"]:
+        print("\n  wire dtype   bytes/layer step sent   received   KL vs float32   greedy equal")
+        base = r["wire"][0]["sent_bytes_per_layer_step"]
+        for w in r["wire"]:
+            print(
+                f"  {w['dtype']:<12} {w['sent_bytes_per_layer_step']:>12.0f} "
+                f"({w['sent_bytes_per_layer_step'] / base:4.2f}x) "
+                f"{w['received_bytes_per_layer_step']:>10.0f}   {w['kl_vs_float32']:>13.3g}   "
+                f"{'yes' if w['greedy_equal'] else 'no'}"
+            )
     return 0
+
+
+def _wire_dtypes(text: str) -> tuple[str, ...]:
+    found = tuple(d.strip() for d in text.split(",") if d.strip())
+    bad = [d for d in found if d not in WIRE_DTYPES[1:]]
+    if bad or not found:
+        raise argparse.ArgumentTypeError(
+            f"expected dtypes from {', '.join(WIRE_DTYPES[1:])}, got {text!r}"
+        )
+    return found
 
 
 if __name__ == "__main__":

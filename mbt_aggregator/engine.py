@@ -707,6 +707,10 @@ class Engine:
     ) -> dict[int, Tensor]:
         """``parts`` in one Forward, or, beyond what the node takes in one (its limits from
         ``Describe``), in several: steps split across calls, long ones in chunks, in order."""
+        if any(p.session.ended for p in parts):
+            # A late call (a primary failing over, a replay) after its generation ended: sent,
+            # it would open the session again on a node that the end has passed already.
+            raise NodeCallError(node.address, grpc.StatusCode.FAILED_PRECONDITION, "ended")
         timeout, dtype = self.policy.request_timeout_s, node.wire_dtype
         lengths = [p.h.shape[0] for p in parts]
         positions = node.limits.positions(parts[0].h.shape[1], dtype.itemsize, len(branches))
@@ -746,6 +750,7 @@ class Engine:
     async def end_session(self, session: Session) -> None:
         """Release the session's caches on every node that took part (nodes that do not
         answer are retried in the background), then its slot."""
+        session.ended = True
         self._live.pop(session.session_id, None)
         self._at.pop(session.session_id, None)
         try:

@@ -17,10 +17,13 @@ import re
 import signal
 import tempfile
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from mbt_aggregator.remote import Credentials
 from mbt_core.calibration import calibrated_bounds
@@ -241,6 +244,15 @@ class LocalCluster:
     def credentials(self) -> Credentials:
         """What a client of this cluster's gateway presents (a client certificate with TLS)."""
         return Credentials(self._tls_config("client", "client") if self.tls else TlsConfig())
+
+    def gateway_metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The gateway's Prometheus samples now: (name, sorted labels) -> value."""
+        text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
     def describe_node(self, i: int, timeout_s: float = 5.0) -> pb.DescribeResponse:
         """Node ``i``'s Describe, asked as the gateway's peer would (an aggregator's

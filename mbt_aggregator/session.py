@@ -69,6 +69,7 @@ class Session:
     history: dict[int, LayerInputs] = field(default_factory=dict)  # layer -> its inputs
     nodes: set[str] = field(default_factory=set)
     holds_slot: bool = False  # opened through SessionSlots: ending it frees the slot
+    ended: bool = False  # set first when it ends: a late call then sends nothing more
 
 
 class SessionSlots:

@@ -15,13 +15,11 @@ import asyncio
 import random
 import threading
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from mbt_aggregator.local_cluster import Layout, LocalCluster
@@ -123,15 +121,6 @@ def rss_mib(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
-
-
-def _gauge(url: str, name: str) -> float:
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                return sample.value
-    raise KeyError(name)
 
 
 class _Churn(threading.Thread):
@@ -257,7 +246,7 @@ def _settle(cluster: LocalCluster, cfg: SoakConfig) -> tuple[int, float]:
     hold none; return the sessions still held and the gateway's unended count."""
     deadline = time.monotonic() + cfg.settle_s
     while True:
-        unended = _gauge(cluster.metrics_url, "mbt_unended_sessions")
+        unended = cluster.gateway_metrics()[("mbt_unended_sessions", ())]
         held = sum(cluster.describe_node(i).open_sessions for i in range(len(cluster.nodes)))
         if (held == 0 and unended == 0) or time.monotonic() > deadline:
             return held, unended

@@ -62,7 +62,13 @@ def test_mbt_cluster_generates_and_reports_every_branch() -> None:
 
 
 def test_gateway_benchmark_smoke() -> None:
-    r = run_bench(iters=5, tokens=4, concurrency=2, rows=(1, 3))
+    r = run_bench(
+        iters=5,
+        tokens=4,
+        concurrency=2,
+        rows=(1, 3),
+        wire_dtypes=("float32", "bfloat16", "float16"),
+    )
     for key in (
         "layer_step_ms",
         "echo_fanout_ms",
@@ -81,6 +87,16 @@ def test_gateway_benchmark_smoke() -> None:
         )
     assert r["fanout_ratio"] == r["fanouts"][0]["fanout_ratio"]
     assert r["throughput_ratio"] == pytest.approx(r["tokens_per_s_2"] / r["tokens_per_s_1"])
+    wire = {w["dtype"]: w for w in r["wire"]}
+    assert wire["float32"]["greedy_equal"] and wire["float32"]["kl_vs_float32"] < 1e-6
+    for half in ("bfloat16", "float16"):  # half the bytes each way, a small divergence
+        for way in ("sent", "received"):
+            ratio = (
+                wire[half][f"{way}_bytes_per_layer_step"]
+                / wire["float32"][f"{way}_bytes_per_layer_step"]
+            )
+            assert 0.4 < ratio < 0.75, (half, way, ratio)
+        assert 0 < wire[half]["kl_vs_float32"] < 0.05, half
 
 
 @pytest.mark.parametrize(
@@ -90,6 +106,7 @@ def test_gateway_benchmark_smoke() -> None:
         (["--rows", "0"], "row counts must be positive"),
         (["--d-model", "130"], "--d-model must be a positive multiple of 4"),
         (["--d-model", "64", "--checkpoint", "m.safetensors"], "not both"),
+        (["--wire-dtypes", "float32,int8"], "expected dtypes from float32"),
     ],
 )
 def test_gateway_benchmark_refuses_bad_options(

@@ -64,7 +64,7 @@ class FakeClient:
                 out[b] = branch.forward_ragged(inputs, caches, [s.length for s in steps])
         return out, 0.0
 
-    async def end_session(self, session_id: str, timeout_s: float) -> int:
+    async def end_session(self, session_id: str, secret: bytes, timeout_s: float) -> int:
         gone = [k for k in self.caches if k[0] == session_id]
         for k in gone:
             del self.caches[k]
@@ -336,3 +336,28 @@ def test_a_refused_request_does_not_bench_the_node(tiny_model: MBTLanguageModel)
     clients["a"].refuse, clients["a"].fail = None, True
     asyncio.run(engine.run_layer(Session(), 0, 0, h))
     assert not node.usable(time.monotonic())  # a node that is down is benched
+
+
+def test_a_late_call_after_its_generation_ended_sends_nothing(
+    tiny_model: MBTLanguageModel,
+) -> None:
+    """A primary that fails over (or a replay) after the generation ended would open the
+    session again on a node the end has passed already: a churn soak found such sessions left
+    on nodes. It is refused before it is sent, and the node is not benched for it."""
+    engine, clients = _engine(tiny_model, {"a": _all(tiny_model)})
+    node = engine.registry.get("a")
+    assert node is not None
+    session = Session()
+    h = torch.randn(3, tiny_model.cfg.d_model)
+
+    async def run() -> None:
+        await engine.run_layer(session, 0, 0, h[:2])
+        await engine.end_session(session)
+        assert not clients["a"].caches  # ended on the node
+        step = _Step(session, 2, h[2:], 0, 1, False, asyncio.get_running_loop().create_future())
+        with pytest.raises(NodeCallError, match="ended"):
+            await _NodeCalls(engine, [step], 0, {0: [node]}).answer(node, 0)
+
+    asyncio.run(run())
+    assert clients["a"].calls == 1 and not clients["a"].caches
+    assert node.usable(time.monotonic())
