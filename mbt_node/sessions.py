@@ -191,6 +191,9 @@ class SessionStore:
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None:
+                # Remembered all the same: a late Forward of it (sent before, queued behind a
+                # pause) must not open it again after its end.
+                self._remember_ended(session_id)
                 return 0
             if session.caller.id != caller.id or not hmac.compare_digest(session.secret, secret):
                 self.counts["not_owner"] += 1

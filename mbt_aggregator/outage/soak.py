@@ -87,6 +87,7 @@ class SoakResult:
     rss_mib: dict[str, dict[str, Any]]  # process -> start, end, restarted
     sessions_left: int
     unended_at_end: float
+    sessions_left_by_node: list[int] = field(default_factory=list)
     churn_error: str = ""
     gateway_log: str = field(default="", repr=False)
 
@@ -241,14 +242,14 @@ def _processes(cluster: LocalCluster) -> dict[str, int]:
     }
 
 
-def _settle(cluster: LocalCluster, cfg: SoakConfig) -> tuple[int, float]:
+def _settle(cluster: LocalCluster, cfg: SoakConfig) -> tuple[list[int], float]:
     """Wait (up to ``settle_s``) until the gateway has ended every session and the nodes
-    hold none; return the sessions still held and the gateway's unended count."""
+    hold none; return the sessions each node still holds and the gateway's unended count."""
     deadline = time.monotonic() + cfg.settle_s
     while True:
         unended = cluster.gateway_metrics()[("mbt_unended_sessions", ())]
-        held = sum(cluster.describe_node(i).open_sessions for i in range(len(cluster.nodes)))
-        if (held == 0 and unended == 0) or time.monotonic() > deadline:
+        held = [cluster.describe_node(i).open_sessions for i in range(len(cluster.nodes))]
+        if (sum(held) == 0 and unended == 0) or time.monotonic() > deadline:
             return held, unended
         time.sleep(0.2)
 
@@ -306,7 +307,9 @@ def run_soak(cfg: SoakConfig) -> SoakResult:
         held, unended = _settle(c, cfg)
         log = c.gateway.all_output() if c.gateway is not None else ""
     config = asdict(cfg) | {"layout": asdict(cfg.layout), "checkpoint": str(cfg.checkpoint)}
-    return SoakResult(config, wall, counts, churn.faults, rss, held, unended, churn.error, log)
+    return SoakResult(
+        config, wall, counts, churn.faults, rss, sum(held), unended, held, churn.error, log
+    )
 
 
 def summary(result: SoakResult) -> str:
@@ -321,7 +324,7 @@ def summary(result: SoakResult) -> str:
         f"requests: {r.sent} sent, {r.completed} completed, {r.failed} failed; "
         f"greedy mismatches: {r.mismatches}; completions with a branch step lost: {r.masked}; "
         f"{r.tokens / max(result.wall_s, 1e-9):.1f} tok/s",
-        f"sessions left on nodes: {result.sessions_left} "
+        f"sessions left on nodes: {result.sessions_left} {result.sessions_left_by_node} "
         f"(gateway's unended at the end: {result.unended_at_end:g})",
         f"{'RSS MiB':<10}{'start':>9}{'end':>9}",
     ]

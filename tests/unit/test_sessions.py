@@ -282,6 +282,17 @@ def test_an_ended_session_refuses_a_late_step() -> None:
     assert store.end("s", SECRET, GATEWAY) == 0  # ending again is harmless
 
 
+def test_an_end_that_overtakes_the_first_step_still_refuses_it() -> None:
+    """A node resumed after a pause may read the gateway's EndSession (a retry on a new
+    connection) before the session's first Forward (queued on the old one): the late step must
+    not open the session then (a churn soak found such sessions left on nodes)."""
+    store, _ = _store()
+    assert store.end("never-opened", SECRET, GATEWAY) == 0
+    with pytest.raises(SessionEnded):
+        store.reserve(KEY, [step("never-opened", 0, 2)], GATEWAY)
+    assert store.session_count == 0 and store.cached_tokens() == 0
+
+
 def test_per_caller_quotas() -> None:
     store, branch = _store(max_sessions_per_caller=2, max_cached_tokens_per_caller=10)
     _fill(store, branch, "h1", 0, 4, HOST)
