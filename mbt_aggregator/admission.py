@@ -23,11 +23,11 @@ from mbt_aggregator.client import NodeCallError, NodeClient
 from mbt_aggregator.fit import CallLimits
 from mbt_aggregator.identity import ClusterTls, IdentityError, presented_node_id
 from mbt_aggregator.registry import Node
-from mbt_core.codec import torch_dtype
-from mbt_core.discovery import PROTOCOL_VERSION
+from mbt_core.artifacts.manifest import Manifest, manifest_digest
 from mbt_core.errors import CodecError, MbtError
-from mbt_core.manifest import Manifest, manifest_digest
-from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
+from mbt_core.wire.codec import torch_dtype
+from mbt_core.wire.contract import PROTOCOL_VERSION
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2 as pb
 
 
 class Rejected(MbtError):

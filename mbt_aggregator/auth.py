@@ -18,9 +18,9 @@ from pathlib import Path
 
 import grpc
 
-from mbt_core.certs import TlsMaterial
-from mbt_core.rpc import Check, Guard, role_check
-from mbt_core.service import read_token
+from mbt_core.trust.certs import TlsMaterial
+from mbt_core.trust.config import read_token
+from mbt_core.wire.server import Check, Guard, role_check
 
 API_AUTH_MODES = ("none", "cert", "token")
 CLIENT_ROLES = frozenset({"client", "aggregator"})

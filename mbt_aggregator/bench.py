@@ -38,24 +38,24 @@ from mbt_aggregator.client import NodeClient
 from mbt_aggregator.config import WIRE_DTYPES
 from mbt_aggregator.defense import Defense, DefenseConfig
 from mbt_aggregator.engine import Engine
-from mbt_aggregator.local_cluster import Layout, LocalCluster
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.outage.baseline import window_logprobs
 from mbt_aggregator.outage.report import kl_divergence
 from mbt_aggregator.outage.workload import perplexity_text
 from mbt_aggregator.policy import FanoutPolicy
 from mbt_aggregator.registry import Node, Registry
-from mbt_aggregator.remote import GatewayClient, generate_remote
 from mbt_aggregator.session import Session
-from mbt_core.checkpoint import load_checkpoint, save_checkpoint
-from mbt_core.codec import decode, encode
-from mbt_core.config import AggregationConfig
-from mbt_core.manifest import read_manifest
-from mbt_core.model import MBTLanguageModel
-from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
-from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
-from mbt_core.sampling import SamplingConfig, generate
-from mbt_core.timing import branch_step, interleaved
+from mbt_core.artifacts.manifest import read_manifest
+from mbt_core.cluster.local import Layout, LocalCluster
+from mbt_core.cluster.timing import branch_step, interleaved
+from mbt_core.model.checkpoint import load_checkpoint, save_checkpoint
+from mbt_core.model.config import AggregationConfig
+from mbt_core.model.lm import MBTLanguageModel
+from mbt_core.model.sampling import SamplingConfig, generate
+from mbt_core.wire.codec import decode, encode
+from mbt_core.wire.gateway_client import GatewayClient, generate_remote
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2 as pb
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 
 ECHO_METHOD = "/mbt.bench.Echo/Echo"
 PREFIX = 32  # positions cached before the timed layer steps
@@ -153,7 +153,7 @@ def _tokens_per_s(address: str, n: int, tokens: int) -> float:
 
     async def one(i: int) -> int:
         async with grpc.aio.insecure_channel(address) as channel:
-            from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
+            from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
 
             stub = gw_grpc.GatewayServiceStub(channel)
             req = gw.GenerateRequest(prompt=f"ROMEO {i}:", max_new_tokens=cfg.max_new_tokens)

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from mbt_core.discovery import SERVICE_TYPE
+from mbt_core.wire.contract import SERVICE_TYPE
 
 log = logging.getLogger("mbt_aggregator")
 Found = Callable[[str, str, str], Awaitable[None]]  # address, source, claimed node id

@@ -13,16 +13,16 @@ from mbt_aggregator.defense_cli import add_defense_arguments, defense_from_args
 from mbt_aggregator.engine import BatchingConfig
 from mbt_aggregator.policy import MODES, FanoutPolicy
 from mbt_aggregator.server import run_gateway
-from mbt_core.config import AggregationConfig
-from mbt_core.service import (
+from mbt_core.cli.flags import (
     LOG_LEVELS,
     add_artifact_arguments,
     add_rpc_limit_argument,
     add_tls_arguments,
-    run_service,
     tls_config_from_args,
     trust_config_from_args,
 )
+from mbt_core.cli.service import run_service
+from mbt_core.model.config import AggregationConfig
 
 EPILOG = """\
 examples:

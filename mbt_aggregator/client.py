@@ -23,12 +23,12 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mbt_core.certs import TlsMaterial, node_id_hostname
-from mbt_core.codec import decode, encode
-from mbt_core.discovery import CACHE_LENGTH_METADATA
 from mbt_core.errors import MbtError
-from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
-from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
+from mbt_core.trust.certs import TlsMaterial, node_id_hostname
+from mbt_core.wire.codec import decode, encode
+from mbt_core.wire.contract import CACHE_LENGTH_METADATA
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2 as pb
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
 
 
 class NodeCallError(MbtError):

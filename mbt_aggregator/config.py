@@ -9,9 +9,9 @@ from mbt_aggregator.auth import ApiAuth
 from mbt_aggregator.defense import DefenseConfig
 from mbt_aggregator.engine import BatchingConfig
 from mbt_aggregator.policy import FanoutPolicy
-from mbt_core.codec import DTYPES
-from mbt_core.config import AggregationConfig
-from mbt_core.service import TlsConfig, TrustConfig, check_transport
+from mbt_core.model.config import AggregationConfig
+from mbt_core.trust.config import TlsConfig, TrustConfig, check_transport
+from mbt_core.wire.codec import DTYPES
 
 WIRE_DTYPES = ("auto", *DTYPES)
 

@@ -47,8 +47,8 @@ from torch import Tensor
 
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.registry import BranchKey, Node, QuarantinePolicy, Registry
-from mbt_core.calibration import DEFAULT_REJECT_FACTOR, check_outputs
-from mbt_core.manifest import NormBound
+from mbt_core.artifacts.calibration import DEFAULT_REJECT_FACTOR, check_outputs
+from mbt_core.artifacts.manifest import NormBound
 
 log = logging.getLogger("mbt_aggregator")
 

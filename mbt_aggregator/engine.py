@@ -32,10 +32,10 @@ from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.policy import Collected, FanoutPolicy, collect
 from mbt_aggregator.registry import Node, Registry
 from mbt_aggregator.session import Ender, LayerInputs, Session, SessionSlots
-from mbt_core.aggregate import aggregate
-from mbt_core.config import AggregationConfig
 from mbt_core.errors import NoBranchAvailable, QuorumNotReached
-from mbt_core.model import MBTLanguageModel
+from mbt_core.model.aggregate import aggregate
+from mbt_core.model.config import AggregationConfig
+from mbt_core.model.lm import MBTLanguageModel
 
 log = logging.getLogger("mbt_aggregator")
 

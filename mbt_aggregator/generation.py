@@ -21,7 +21,7 @@ from torch import Tensor
 
 from mbt_aggregator.engine import MASKED, Engine, LayerReport
 from mbt_aggregator.session import Session
-from mbt_core.sampling import SamplingConfig, fit_window, select_next
+from mbt_core.model.sampling import SamplingConfig, fit_window, select_next
 
 _background: set[asyncio.Task[None]] = set()
 T = TypeVar("T")

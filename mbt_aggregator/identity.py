@@ -14,9 +14,9 @@ import asyncio
 import ssl
 from dataclasses import dataclass
 
-from mbt_core.certs import TlsMaterial, certificate_role, public_key_fingerprint
 from mbt_core.errors import MbtError
-from mbt_core.service import TlsConfig
+from mbt_core.trust.certs import TlsMaterial, certificate_role, public_key_fingerprint
+from mbt_core.trust.config import TlsConfig
 
 
 class IdentityError(MbtError):

@@ -35,15 +35,15 @@ from mbt_aggregator.membership import Membership
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.registry import Registry
 from mbt_aggregator.servicer import GatewayServicer
-from mbt_core.artifacts import load_trunk, load_verified_manifest, trunk_model
-from mbt_core.codec import DTYPES
-from mbt_core.diagnostics import weight_stats
-from mbt_core.manifest import manifest_digest
-from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
-from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
-from mbt_core.roster import load_roster
-from mbt_core.rpc import MalformedRequests, PerClientLimit
-from mbt_core.service import settle_heap, stop_on_signals, warn_plaintext
+from mbt_core.artifacts.load import load_trunk, load_verified_manifest, trunk_model
+from mbt_core.artifacts.manifest import manifest_digest
+from mbt_core.cli.service import settle_heap, stop_on_signals, warn_plaintext
+from mbt_core.training.diagnostics import weight_stats
+from mbt_core.trust.roster import load_roster
+from mbt_core.wire.codec import DTYPES
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
+from mbt_core.wire.server import MalformedRequests, PerClientLimit
 
 log = logging.getLogger("mbt_aggregator")
 SERVICE_NAME = gw.DESCRIPTOR.services_by_name["GatewayService"].full_name

@@ -11,13 +11,13 @@ import grpc
 from mbt_aggregator.config import GatewayLimits
 from mbt_aggregator.engine import MASKED, OK, REJECTED, Engine, LayerReport
 from mbt_aggregator.generation import generate_tokens, read_ahead, score
-from mbt_core.codec import encode
+from mbt_core.artifacts.manifest import Manifest
 from mbt_core.errors import QuorumNotReached
-from mbt_core.manifest import Manifest
-from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
-from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
-from mbt_core.sampling import SamplingConfig
-from mbt_core.tokenizer import Tokenizer
+from mbt_core.model.sampling import SamplingConfig
+from mbt_core.model.tokenizer import Tokenizer
+from mbt_core.wire.codec import encode
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 
 MAX_LOGPROB_BYTES = 256 << 20  # Score with return_logprobs sends (tokens, vocab) float32
 EVENTS_AHEAD = 4  # tokens a generation may run ahead of its client's stream

@@ -7,7 +7,8 @@ import socket
 from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-from mbt_core.discovery import SERVICE_TYPE, NodeRecord
+from mbt_core.wire.contract import SERVICE_TYPE
+from mbt_core.wire.discovery import NodeRecord
 
 
 class Advertiser:

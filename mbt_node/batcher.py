@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from mbt_core.branch import Branch, BranchCache
+from mbt_core.model.blocks import Branch
+from mbt_core.model.kv import BranchCache
+from mbt_core.wire.contract import BranchKey, SessionStep
 from mbt_node.config import BatchingConfig
-from mbt_node.sessions import BranchKey, Caller, SessionStore, Step
+from mbt_node.sessions import Caller, SessionStore
 
 
 @dataclass
@@ -35,7 +37,7 @@ class BranchResult:
 
 @dataclass
 class _Job:
-    steps: list[Step]
+    steps: list[SessionStep]
     inputs: Tensor
     caller: Caller
     future: asyncio.Future[BranchResult]
@@ -75,7 +77,9 @@ class BranchBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
 
-    async def submit(self, steps: list[Step], inputs: Tensor, caller: Caller) -> BranchResult:
+    async def submit(
+        self, steps: list[SessionStep], inputs: Tensor, caller: Caller
+    ) -> BranchResult:
         if self._idle() and inputs.shape[0] <= self._cfg.direct_max_positions:
             # Nothing queued or running, a small step: run it now, without waking the worker
             # (the usual one-token decode step of a lone generation).
@@ -139,7 +143,7 @@ class BranchBatcher:
         self._queue.extendleft(reversed(deferred))
         return batch
 
-    def _compute(self, steps: list[Step], inputs: Tensor, caller: Caller) -> BranchResult:
+    def _compute(self, steps: list[SessionStep], inputs: Tensor, caller: Caller) -> BranchResult:
         """One call's steps alone: reserve their caches, run them (a refusal raises)."""
         t0 = time.perf_counter()
         caches = self._store.reserve(self.key, steps, caller)

@@ -8,16 +8,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mbt_core.discovery import parse_branches
-from mbt_core.service import (
+from mbt_core.cli.flags import (
     LOG_LEVELS,
     add_artifact_arguments,
     add_rpc_limit_argument,
     add_tls_arguments,
-    run_service,
     tls_config_from_args,
     trust_config_from_args,
 )
+from mbt_core.cli.service import run_service
+from mbt_core.wire.codec import COMPUTE_DTYPES
+from mbt_core.wire.contract import parse_branches
 from mbt_node.config import BatchingConfig, NodeConfig, NodeLimits
 from mbt_node.faults import ENABLE_ENV, CorruptionFault, parse_fault, require_enabled
 from mbt_node.server import run_node
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="gRPC address (port 0 picks a free one; 0.0.0.0:PORT for a LAN)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32")
     p.add_argument(
         "--advertise",
         action=argparse.BooleanOptionalAction,

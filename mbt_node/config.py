@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mbt_core.service import TlsConfig, TrustConfig, check_transport
+from mbt_core.trust.config import TlsConfig, TrustConfig, check_transport
+from mbt_core.wire.codec import COMPUTE_DTYPES
 
 if TYPE_CHECKING:
     from mbt_node.faults import CorruptionFault
@@ -107,8 +108,8 @@ class NodeConfig:
         check_transport(self.tls, self.insecure)
         if self.tls.enabled and self.node_key is not None:
             raise ValueError("with TLS the node id is the certificate's; drop --node-key")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be {' or '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
         if self.torch_threads <= 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from mbt_core.process import ManagedProcess, StartError, start_process
+from mbt_core.cluster.process import ManagedProcess, StartError, start_process
 
 _NODE_ID = re.compile(r"node id (\S+),")
 

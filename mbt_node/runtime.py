@@ -8,16 +8,18 @@ from dataclasses import dataclass
 
 import torch
 
-from mbt_core.artifacts import load_branch, load_verified_manifest
-from mbt_core.branch import Branch, KVSlots
-from mbt_core.certs import certificate_file_fingerprint
-from mbt_core.codec import DTYPES
-from mbt_core.discovery import NodeRecord
-from mbt_core.manifest import Manifest, manifest_digest
-from mbt_core.signing import key_id, load_private_key
+from mbt_core.artifacts.load import load_branch, load_verified_manifest
+from mbt_core.artifacts.manifest import Manifest, manifest_digest
+from mbt_core.model.blocks import Branch
+from mbt_core.model.kv import KVSlots
+from mbt_core.trust.certs import certificate_file_fingerprint
+from mbt_core.trust.keys import key_id, load_private_key
+from mbt_core.wire.codec import DTYPES
+from mbt_core.wire.contract import BranchKey
+from mbt_core.wire.discovery import NodeRecord
 from mbt_node.batcher import BranchBatcher
 from mbt_node.config import NodeConfig
-from mbt_node.sessions import BranchKey, SessionStore
+from mbt_node.sessions import SessionStore
 
 log = logging.getLogger("mbt_node")
 

@@ -23,11 +23,11 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from mbt_core.discovery import format_branches
-from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
-from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
-from mbt_core.rpc import MalformedRequests
-from mbt_core.service import settle_heap, stop_on_signals, warn_plaintext
+from mbt_core.cli.service import settle_heap, stop_on_signals, warn_plaintext
+from mbt_core.wire.contract import format_branches
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2 as pb
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
+from mbt_core.wire.server import MalformedRequests
 from mbt_node.advertise import Advertiser
 from mbt_node.config import NodeConfig
 from mbt_node.metrics import node_registry

@@ -18,9 +18,6 @@ from functools import lru_cache
 import grpc
 import torch
 
-from mbt_core.certs import public_key_fingerprint
-from mbt_core.codec import decode, encode_into, wire_dtype
-from mbt_core.discovery import CACHE_LENGTH_METADATA, PROTOCOL_VERSION, format_branches
 from mbt_core.errors import (
     CacheBehind,
     CertificateError,
@@ -31,12 +28,20 @@ from mbt_core.errors import (
     SessionEnded,
     SessionRefused,
 )
-from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
-from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
+from mbt_core.trust.certs import public_key_fingerprint
+from mbt_core.wire.codec import decode, encode_into, wire_dtype
+from mbt_core.wire.contract import (
+    CACHE_LENGTH_METADATA,
+    PROTOCOL_VERSION,
+    SessionStep,
+    format_branches,
+)
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2 as pb
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
 from mbt_node.batcher import BranchResult
 from mbt_node.faults import corrupt
 from mbt_node.runtime import NodeRuntime
-from mbt_node.sessions import MAX_SECRET_BYTES, MIN_SECRET_BYTES, Caller, Step
+from mbt_node.sessions import MAX_SECRET_BYTES, MIN_SECRET_BYTES, Caller
 from mbt_node.status import StatusError
 
 log = logging.getLogger("mbt_node")
@@ -248,7 +253,7 @@ def _invalid(details: str) -> StatusError:
 
 def _validate(
     rt: NodeRuntime, request: pb.ForwardRequest
-) -> tuple[list[Step], torch.Tensor, torch.dtype]:
+) -> tuple[list[SessionStep], torch.Tensor, torch.dtype]:
     """Every check that needs no cache: served branches, steps, tensor dtype/shape/values.
     Returns the steps, the inputs in this node's dtype, and the dtype they were sent in."""
     lim, cfg = rt.cfg.limits, rt.manifest.config
@@ -268,7 +273,7 @@ def _validate(
         raise _invalid("no session steps given")
     if len(wire_steps) > lim.max_steps_per_call:
         raise _invalid(f"{len(wire_steps)} steps exceed the limit of {lim.max_steps_per_call}")
-    steps = [Step(s.session_id, s.start, s.length, s.secret) for s in wire_steps]
+    steps = [SessionStep(s.session_id, s.start, s.length, s.secret) for s in wire_steps]
     if len(steps) > 1 and len({s.session_id for s in steps}) != len(steps):
         raise _invalid("a session appears twice in one call")
     for i, s in enumerate(steps):

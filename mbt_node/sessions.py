@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from mbt_core.branch import BranchCache, truncate_all
 from mbt_core.errors import (
     CacheBehind,
     LimitExceeded,
@@ -32,9 +31,10 @@ from mbt_core.errors import (
     OutOfContext,
     SessionEnded,
 )
+from mbt_core.model.kv import BranchCache, truncate_all
+from mbt_core.wire.contract import BranchKey, SessionStep
 from mbt_node.config import NodeLimits
 
-BranchKey = tuple[int, int]  # (layer, branch)
 MIN_SECRET_BYTES, MAX_SECRET_BYTES = 16, 64
 ENDED_KEPT_S = 120.0  # an ended session refuses late steps this long
 
@@ -44,13 +44,6 @@ class Caller(NamedTuple):
 
     id: str
     authenticated: bool
-
-
-class Step(NamedTuple):  # a tuple: built for every step of every call
-    session_id: str
-    start: int
-    length: int
-    secret: bytes
 
 
 @dataclass
@@ -113,7 +106,9 @@ class SessionStore:
         entry = None if session is None else session.entries.get(key)
         return 0 if entry is None else entry.cache.length
 
-    def reserve(self, key: BranchKey, steps: list[Step], caller: Caller) -> list[BranchCache]:
+    def reserve(
+        self, key: BranchKey, steps: list[SessionStep], caller: Caller
+    ) -> list[BranchCache]:
         """Check every step first, then roll back caches that start early; all or nothing.
         Each returned cache is held until :meth:`finish` is called with it."""
         with self._lock:
@@ -205,7 +200,7 @@ class SessionStore:
 
     # -- bookkeeping under the lock ------------------------------------------------------------
 
-    def _open(self, step: Step, caller: Caller, now: float) -> _Session:
+    def _open(self, step: SessionStep, caller: Caller, now: float) -> _Session:
         session = self._sessions[step.session_id] = _Session(caller, step.secret, now)
         usage = self._usage.get(caller.id)
         if usage is None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import grpc
 
-from mbt_core.certs import TlsMaterial
-from mbt_core.rpc import Guard, role_check
+from mbt_core.trust.certs import TlsMaterial
+from mbt_core.wire.server import Guard, role_check
 
 CALLER_ROLES = frozenset({"aggregator"})
 

@@ -1,4 +1,4 @@
-"""Regenerate the Python protocol modules in ``mbt_core/protocol`` from ``proto/``.
+"""Regenerate the Python protocol modules in ``mbt_core/wire/protocol`` from ``proto/``.
 
     python proto/generate.py            # rewrite the committed modules
     python proto/generate.py --out DIR  # write elsewhere (the staleness test compares)
@@ -18,8 +18,8 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
-PACKAGE_DIR = ROOT / "mbt_core" / "protocol"
-IMPORT_PREFIX = "mbt_core.protocol."
+PACKAGE_DIR = ROOT / "mbt_core" / "wire" / "protocol"
+IMPORT_PREFIX = "mbt_core.wire.protocol."
 
 
 def generate(out: Path) -> list[Path]:

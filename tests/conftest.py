@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mbt_core.checkpoint import save_checkpoint
-from mbt_core.config import ModelConfig
-from mbt_core.model import MBTLanguageModel
-from mbt_core.tokenizer import Tokenizer
+from mbt_core.model.checkpoint import save_checkpoint
+from mbt_core.model.config import ModelConfig
+from mbt_core.model.lm import MBTLanguageModel
+from mbt_core.model.tokenizer import Tokenizer
 
 SAMPLE_TEXT = (
     "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n"

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from mbt_aggregator.outage.workload import Workload, perplexity_text
-from mbt_core.checkpoint import Checkpoint
-from mbt_core.model import MBTLanguageModel
-from mbt_core.sampling import SamplingConfig, generate
+from mbt_core.model.checkpoint import Checkpoint
+from mbt_core.model.lm import MBTLanguageModel
+from mbt_core.model.sampling import SamplingConfig, generate
 
 
 @dataclass(frozen=True)

@@ -14,17 +14,17 @@ from types import FrameType
 
 import grpc
 
-from mbt_aggregator.local_cluster import Layout
 from mbt_aggregator.outage.plots import latency_plot, quality_plot
 from mbt_aggregator.outage.report import baseline_row, table, table_row, write_json
 from mbt_aggregator.outage.runner import BenchConfig, payload, run_outage
 from mbt_aggregator.outage.scenario import Scenario, load_scenario, shipped_names
 from mbt_aggregator.outage.soak import SoakConfig, run_soak, soak_doc, summary
 from mbt_aggregator.outage.workload import QUICK, Workload
-from mbt_core.checkpoint import load_checkpoint
+from mbt_core.artifacts.manifest import read_manifest
+from mbt_core.cluster.local import Layout
+from mbt_core.cluster.process import StartError
 from mbt_core.errors import MbtError
-from mbt_core.manifest import read_manifest
-from mbt_core.process import StartError
+from mbt_core.model.checkpoint import load_checkpoint
 
 OUTAGE_DOC = """\
 Run one fixed workload through a local cluster (branch-node processes + a gateway on this

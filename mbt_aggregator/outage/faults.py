@@ -15,9 +15,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from mbt_aggregator.local_cluster import LocalCluster
 from mbt_aggregator.outage.netns import NetnsLab
 from mbt_aggregator.outage.scenario import FaultEvent, Scenario
+from mbt_core.cluster.local import LocalCluster
 
 TEST_FAULTS_ENV = "MBT_ENABLE_TEST_FAULTS"  # mbt_node.faults.ENABLE_ENV (no node import here)
 

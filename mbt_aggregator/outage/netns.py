@@ -20,7 +20,7 @@ import signal
 import subprocess
 from dataclasses import dataclass, field
 
-from mbt_aggregator.local_cluster import Placement
+from mbt_core.cluster.local import Placement
 from mbt_core.errors import MbtError
 
 PREFIX = "mbto"

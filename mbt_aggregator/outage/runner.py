@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mbt_aggregator.local_cluster import Layout, LocalCluster
 from mbt_aggregator.outage.baseline import Baseline, run_baseline
 from mbt_aggregator.outage.faults import Disruptor, Injector, NodeSetup, node_setups
 from mbt_aggregator.outage.netns import NetnsLab, require_root
@@ -39,10 +38,11 @@ from mbt_aggregator.outage.workload import (
     run_workload,
     score_text,
 )
-from mbt_core.artifacts import load_model_from_artifacts
-from mbt_core.checkpoint import Checkpoint, load_checkpoint
-from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
-from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
+from mbt_core.artifacts.load import load_model_from_artifacts
+from mbt_core.cluster.local import Layout, LocalCluster
+from mbt_core.model.checkpoint import Checkpoint, load_checkpoint
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 
 POLICY_MODES = ("all", "quorum", "deadline")
 HEDGE_SUFFIX = "+hedge"

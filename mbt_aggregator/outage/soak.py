@@ -22,12 +22,12 @@ from typing import Any
 import grpc
 from tqdm import tqdm
 
-from mbt_aggregator.local_cluster import Layout, LocalCluster
 from mbt_aggregator.outage.baseline import run_baseline
 from mbt_aggregator.outage.workload import PROMPTS, Workload
-from mbt_core.checkpoint import load_checkpoint
-from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
-from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
+from mbt_core.cluster.local import Layout, LocalCluster
+from mbt_core.model.checkpoint import load_checkpoint
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 
 FAULTS = ("kill", "pause")  # kill -> restart on the same port; pause -> resume
 RSS_GROWTH_TARGET = 1.5  # end / start, for every process that ran the whole soak

@@ -21,9 +21,9 @@ from importlib import resources
 import grpc
 import numpy as np
 
-from mbt_core.codec import decode
-from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
-from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
+from mbt_core.wire.codec import decode
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 
 PROMPTS = ("ROMEO:", "JULIET:", "First Citizen:", "KING RICHARD III:")
 _TEXT_START = "ACT 1\nSCENE 1"  # The Tempest: a validation play, never seen in training

@@ -14,13 +14,14 @@ import grpc
 import pytest
 import torch
 
-from mbt_core.checkpoint import Checkpoint
-from mbt_core.config import ModelConfig
-from mbt_core.export import export_artifacts
-from mbt_core.model import MBTLanguageModel
-from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
-from mbt_core.signing import GeneratedKey, generate_key, load_private_key, sign_manifest
-from mbt_core.tokenizer import Tokenizer
+from mbt_core.artifacts.export import export_artifacts
+from mbt_core.artifacts.signatures import sign_manifest
+from mbt_core.model.checkpoint import Checkpoint
+from mbt_core.model.config import ModelConfig
+from mbt_core.model.lm import MBTLanguageModel
+from mbt_core.model.tokenizer import Tokenizer
+from mbt_core.trust.keys import GeneratedKey, generate_key, load_private_key
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
 from mbt_node.launcher import ManagedProcess, start_node
 
 

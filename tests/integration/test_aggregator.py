@@ -15,14 +15,15 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from mbt_core.checkpoint import Checkpoint
-from mbt_core.export import export_artifacts
-from mbt_core.process import ManagedProcess, start_process
-from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
-from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
-from mbt_core.sampling import SamplingConfig, generate
-from mbt_core.signing import load_private_key, sign_manifest
-from mbt_core.tokenizer import Tokenizer
+from mbt_core.artifacts.export import export_artifacts
+from mbt_core.artifacts.signatures import sign_manifest
+from mbt_core.cluster.process import ManagedProcess, start_process
+from mbt_core.model.checkpoint import Checkpoint
+from mbt_core.model.sampling import SamplingConfig, generate
+from mbt_core.model.tokenizer import Tokenizer
+from mbt_core.trust.keys import load_private_key
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 from mbt_node.launcher import node_id
 from tests.integration.conftest import SignedModel, make_signed_model
 
@@ -111,8 +112,8 @@ def _in_process(model: SignedModel, n: int) -> list[int]:
 
 
 def model_tokenizer(model: SignedModel) -> str:
-    from mbt_core.artifacts import load_trunk
-    from mbt_core.manifest import read_manifest
+    from mbt_core.artifacts.load import load_trunk
+    from mbt_core.artifacts.manifest import read_manifest
 
     return load_trunk(model.directory, read_manifest(model.directory)).tokenizer.to_json()
 

@@ -36,20 +36,21 @@ from mbt_aggregator.generation import score
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.policy import FanoutPolicy
 from mbt_aggregator.registry import Node, Registry
-from mbt_core.calibration import branch_norm_bounds, calibration_tokens
-from mbt_core.checkpoint import load_checkpoint
-from mbt_core.config import AggregationConfig
-from mbt_core.data import evaluation_texts
-from mbt_core.discovery import format_branches, parse_branches
-from mbt_core.export import export_artifacts
-from mbt_core.manifest import NormBound
-from mbt_core.model import MBTLanguageModel
-from mbt_core.process import ManagedProcess, start_process
-from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
-from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
-from mbt_core.sampling import SamplingConfig, generate
-from mbt_core.signing import generate_key, load_private_key, sign_manifest
-from mbt_core.tokenizer import Tokenizer
+from mbt_core.artifacts.calibration import branch_norm_bounds, calibration_tokens
+from mbt_core.artifacts.export import export_artifacts
+from mbt_core.artifacts.manifest import NormBound
+from mbt_core.artifacts.signatures import sign_manifest
+from mbt_core.cluster.process import ManagedProcess, start_process
+from mbt_core.model.checkpoint import load_checkpoint
+from mbt_core.model.config import AggregationConfig
+from mbt_core.model.lm import MBTLanguageModel
+from mbt_core.model.sampling import SamplingConfig, generate
+from mbt_core.model.tokenizer import Tokenizer
+from mbt_core.training.data import evaluation_texts
+from mbt_core.trust.keys import generate_key, load_private_key
+from mbt_core.wire.contract import format_branches, parse_branches
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 from mbt_node.faults import ENABLE_ENV, MODES
 from mbt_node.launcher import node_id
 

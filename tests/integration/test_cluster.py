@@ -10,7 +10,7 @@ import pytest
 
 from mbt_aggregator.bench import main as bench_main
 from mbt_aggregator.bench import run_bench
-from mbt_aggregator.local_cluster import Layout
+from mbt_core.cluster.local import Layout
 
 pytestmark = [pytest.mark.integration]
 

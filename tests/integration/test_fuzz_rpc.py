@@ -21,12 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tests.unit.hypothesis_profiles  # noqa: F401  (registers and loads the profile)
-from mbt_core.codec import decode, encode
-from mbt_core.process import ManagedProcess, start_process
-from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
-from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
-from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
-from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
+from mbt_core.cluster.process import ManagedProcess, start_process
+from mbt_core.wire.codec import decode, encode
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2 as pb
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 from tests.integration.conftest import SignedModel
 
 pytestmark = pytest.mark.integration

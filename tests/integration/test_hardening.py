@@ -27,19 +27,19 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from zeroconf import DNSOutgoing, DNSPointer, IPVersion, Zeroconf, const
 
-from mbt_aggregator.remote import GatewayClient
-from mbt_core.certs import init_ca, issue_cert
-from mbt_core.codec import decode, encode
-from mbt_core.discovery import SERVICE_TYPE
-from mbt_core.manifest import read_manifest
-from mbt_core.process import ManagedProcess, start_process
-from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
-from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
-from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
-from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
-from mbt_core.sampling import SamplingConfig, generate
-from mbt_core.signing import generate_key
-from mbt_core.tokenizer import Tokenizer
+from mbt_core.artifacts.manifest import read_manifest
+from mbt_core.cluster.process import ManagedProcess, start_process
+from mbt_core.model.sampling import SamplingConfig, generate
+from mbt_core.model.tokenizer import Tokenizer
+from mbt_core.trust.certs import init_ca, issue_cert
+from mbt_core.trust.keys import generate_key
+from mbt_core.wire.codec import decode, encode
+from mbt_core.wire.contract import SERVICE_TYPE
+from mbt_core.wire.gateway_client import GatewayClient
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2 as pb
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 from mbt_node.launcher import node_id
 from tests.conftest import SAMPLE_TEXT
 from tests.integration.conftest import SignedModel, make_signed_model
@@ -64,7 +64,7 @@ def model(
 
 @pytest.fixture(scope="module")
 def tokenizer(model: SignedModel) -> Tokenizer:
-    from mbt_core.artifacts import load_trunk
+    from mbt_core.artifacts.load import load_trunk
 
     return load_trunk(model.directory, read_manifest(model.directory)).tokenizer
 

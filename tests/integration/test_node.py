@@ -15,12 +15,13 @@ import pytest
 import torch
 from zeroconf import ServiceBrowser, ServiceListener, Zeroconf
 
-from mbt_core.codec import decode, encode
-from mbt_core.discovery import SERVICE_TYPE, NodeRecord
-from mbt_core.manifest import manifest_digest, read_manifest
-from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
-from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
-from mbt_core.signing import generate_key
+from mbt_core.artifacts.manifest import manifest_digest, read_manifest
+from mbt_core.trust.keys import generate_key
+from mbt_core.wire.codec import decode, encode
+from mbt_core.wire.contract import SERVICE_TYPE
+from mbt_core.wire.discovery import NodeRecord
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2 as pb
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
 from mbt_node.launcher import ManagedProcess, StartError, node_id, start_node
 from tests.integration.conftest import SignedModel
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mbt_aggregator.local_cluster import Layout, LocalCluster
 from mbt_aggregator.outage import cli
 from mbt_aggregator.outage.runner import wait_healthy
-from mbt_core.checkpoint import load_checkpoint
-from mbt_core.codec import decode, encode
-from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
-from mbt_core.sampling import SamplingConfig, generate
+from mbt_core.cluster.local import Layout, LocalCluster
+from mbt_core.model.checkpoint import load_checkpoint
+from mbt_core.model.sampling import SamplingConfig, generate
+from mbt_core.wire.codec import decode, encode
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2 as pb
 from mbt_node.faults import ENABLE_ENV
 from tests.integration.conftest import SignedModel
 

@@ -21,21 +21,22 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
-from mbt_core.artifacts import load_trunk
-from mbt_core.certs import Issued, init_ca, issue_cert
-from mbt_core.checkpoint import Checkpoint
-from mbt_core.discovery import SERVICE_TYPE
-from mbt_core.export import export_artifacts
-from mbt_core.manifest import read_manifest
-from mbt_core.process import ManagedProcess, StartError, start_process
-from mbt_core.protocol.mbt.v1 import branch_pb2 as pb
-from mbt_core.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
-from mbt_core.protocol.mbt.v1 import gateway_pb2 as gw
-from mbt_core.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
-from mbt_core.roster import sign_roster
-from mbt_core.sampling import SamplingConfig, generate
-from mbt_core.signing import generate_key, load_private_key, load_public_key, sign_manifest
-from mbt_core.trust_root import create_root, rotate_root
+from mbt_core.artifacts.export import export_artifacts
+from mbt_core.artifacts.load import load_trunk
+from mbt_core.artifacts.manifest import read_manifest
+from mbt_core.artifacts.signatures import sign_manifest
+from mbt_core.cluster.process import ManagedProcess, StartError, start_process
+from mbt_core.model.checkpoint import Checkpoint
+from mbt_core.model.sampling import SamplingConfig, generate
+from mbt_core.trust.certs import Issued, init_ca, issue_cert
+from mbt_core.trust.keys import generate_key, load_private_key, load_public_key
+from mbt_core.trust.root import create_root, rotate_root
+from mbt_core.trust.roster import sign_roster
+from mbt_core.wire.contract import SERVICE_TYPE
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2 as pb
+from mbt_core.wire.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
+from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 from mbt_node.launcher import node_id
 from tests.integration.conftest import SignedModel
 
@@ -555,8 +556,8 @@ def test_invalid_key_rotation_refuses_to_start(rotation: Rotation, tmp_path: Pat
 
 def test_local_cluster_with_tls(tiny_checkpoint: Path) -> None:
     """``LocalCluster(tls=True)``: a throw-away CA, mutual TLS everywhere, certified node ids."""
-    from mbt_aggregator.local_cluster import Layout, LocalCluster
-    from mbt_aggregator.remote import generate_remote
+    from mbt_core.cluster.local import Layout, LocalCluster
+    from mbt_core.wire.gateway_client import generate_remote
 
     with LocalCluster(checkpoint=tiny_checkpoint, layout=Layout(nodes=2), tls=True) as cluster:
         status = cluster.status()  # with the cluster's client certificate

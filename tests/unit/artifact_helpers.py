@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
-from mbt_core.checkpoint import Checkpoint
-from mbt_core.export import export_artifacts
-from mbt_core.manifest import MANIFEST_FILE, Manifest
-from mbt_core.model import MBTLanguageModel
-from mbt_core.signing import GeneratedKey, generate_key, load_private_key, sign_manifest
+from mbt_core.artifacts.export import export_artifacts
+from mbt_core.artifacts.manifest import MANIFEST_FILE, Manifest
+from mbt_core.artifacts.signatures import sign_manifest
+from mbt_core.model.checkpoint import Checkpoint
+from mbt_core.model.lm import MBTLanguageModel
+from mbt_core.trust.keys import GeneratedKey, generate_key, load_private_key
 
 
 def new_key(tmp_path: Path, name: str) -> GeneratedKey:

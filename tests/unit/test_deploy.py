@@ -36,8 +36,8 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from mbt_aggregator import cli as aggregator_cli
 from mbt_aggregator.metrics import Metrics
-from mbt_core.checkpoint import default_checkpoint_path, read_metadata
-from mbt_core.config import ModelConfig
+from mbt_core.model.checkpoint import default_checkpoint_path, read_metadata
+from mbt_core.model.config import ModelConfig
 from mbt_node import cli as node_cli
 
 ROOT = Path(__file__).resolve().parents[2]

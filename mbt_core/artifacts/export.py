@@ -1,0 +1,117 @@
+"""Export a checkpoint as per-branch artifact files plus a trunk and a manifest to sign.
+
+Each node downloads and verifies only the files it serves, so every branch gets its own file
+and its own hash in the manifest. The manifest is written last: a folder with a manifest never
+points at files that are not there yet. Calibrated output-norm bounds
+(:mod:`mbt_core.calibration`), when given, go into each branch's manifest entry, so they are
+signed with everything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from mbt_core.artifacts.layout import (
+    BRANCH_FORMAT,
+    FILE_FORMAT_VERSION,
+    TRUNK_FILE,
+    TRUNK_FORMAT,
+    branch_file,
+    split_state,
+)
+from mbt_core.artifacts.manifest import ArtifactEntry, Manifest, NormBound, write_manifest
+from mbt_core.errors import ArtifactError
+from mbt_core.fileio import atomic_write_bytes
+from mbt_core.model.checkpoint import Checkpoint
+
+DEFAULT_MODEL_ID = "mbt-default"
+
+
+def export_artifacts(
+    checkpoint: Checkpoint,
+    out_dir: Path,
+    *,
+    model_id: str = DEFAULT_MODEL_ID,
+    model_version: int = 1,
+    expires_days: int = 365,
+    now: datetime | None = None,
+    norm_bounds: Mapping[tuple[int, int], NormBound] | None = None,
+) -> Manifest:
+    """Write the artifact files and ``manifest.json`` into ``out_dir`` (new or empty).
+
+    ``norm_bounds`` (from :func:`mbt_core.calibration.branch_norm_bounds`) must then cover
+    every branch.
+    """
+    if expires_days <= 0:
+        raise ValueError(f"expires_days must be positive, got {expires_days}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ArtifactError(f"{out}: exists and is not an empty folder; export into a new one")
+    created = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
+    model, tokenizer = checkpoint.model, checkpoint.tokenizer
+    if tokenizer.vocab_size != model.cfg.vocab_size:
+        raise ArtifactError(
+            f"tokenizer has {tokenizer.vocab_size} tokens, the model expects {model.cfg.vocab_size}"
+        )
+    trunk, branches = split_state(model)
+    if norm_bounds is not None and set(norm_bounds) != set(branches):
+        raise ValueError("norm_bounds must give exactly one bound per (layer, branch)")
+    trunk_meta = {
+        "format": TRUNK_FORMAT,
+        "format_version": str(FILE_FORMAT_VERSION),
+        "tokenizer": tokenizer.to_json(),
+        "info": json.dumps(checkpoint.info, sort_keys=True),
+    }
+    files = [_serialize(TRUNK_FILE, trunk, trunk_meta, "trunk", None, None)]
+    for (li, b), tensors in branches.items():
+        meta = {
+            "format": BRANCH_FORMAT,
+            "format_version": str(FILE_FORMAT_VERSION),
+            "layer": str(li),
+            "branch": str(b),
+        }
+        entry, data = _serialize(branch_file(li, b), tensors, meta, "branch", li, b)
+        if norm_bounds is not None:
+            entry = replace(entry, norm_bound=norm_bounds[(li, b)])
+        files.append((entry, data))
+    # Built before anything is written, so invalid arguments leave no half-filled folder.
+    manifest = Manifest(
+        model_id=model_id,
+        model_version=model_version,
+        created_at=created,
+        expires_at=created + timedelta(days=expires_days),
+        config=model.cfg,
+        artifacts=tuple(entry for entry, _ in files),
+    )
+    for entry, data in files:
+        atomic_write_bytes(out / entry.name, data)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _serialize(
+    name: str,
+    tensors: dict[str, Tensor],
+    metadata: dict[str, str],
+    role: str,
+    layer: int | None,
+    branch: int | None,
+) -> tuple[ArtifactEntry, bytes]:
+    data = st_save(tensors, metadata=metadata)
+    entry = ArtifactEntry(
+        name=name,
+        role=role,
+        layer=layer,
+        branch=branch,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    return entry, data

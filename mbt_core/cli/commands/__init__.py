@@ -1,0 +1,35 @@
+"""Subcommands of ``mbt``: each module has ``add_arguments(parser)`` and ``run(args) -> int``."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from mbt_core.cli.commands import (
+    certs,
+    cluster,
+    diagnose,
+    evaluate,
+    export,
+    generate,
+    keys,
+    roster,
+    sign,
+    train,
+    trust,
+    verify,
+)
+
+COMMANDS: dict[str, ModuleType] = {
+    "cluster": cluster,
+    "train": train,
+    "generate": generate,
+    "eval": evaluate,
+    "diagnostics": diagnose,
+    "export": export,
+    "keys": keys,
+    "sign": sign,
+    "verify": verify,
+    "trust": trust,
+    "roster": roster,
+    "certs": certs,
+}

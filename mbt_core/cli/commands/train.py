@@ -1,0 +1,160 @@
+"""Train an MBT language model for partial availability (branch dropout + entropy floor).
+
+Resumes automatically when OUT already holds a checkpoint and trainer state from an earlier run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mbt_core.model.config import ModelConfig
+from mbt_core.training.data import default_corpus_path
+from mbt_core.training.train import TrainConfig, train
+
+
+def _branches(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K or K,K,... got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d, m = TrainConfig.__dataclass_fields__, ModelConfig()
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a .txt file or a folder of them (default: the shipped Shakespeare corpus)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="run folder for checkpoint and state")
+    p.add_argument("--steps", type=int, default=d["steps"].default, help="optimizer steps in all")
+    p.add_argument(
+        "--batch-size", type=int, default=d["batch_size"].default, help="sequences per step"
+    )
+    p.add_argument("--lr", type=float, default=d["lr"].default, help="peak learning rate (AdamW)")
+    p.add_argument(
+        "--min-lr",
+        type=float,
+        default=d["min_lr"].default,
+        help="learning rate at the end of the cosine decay",
+    )
+    p.add_argument(
+        "--warmup-steps", type=int, default=d["warmup_steps"].default, help="linear warmup steps"
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d["weight_decay"].default,
+        help="AdamW weight decay of matrices",
+    )
+    p.add_argument(
+        "--grad-clip", type=float, default=d["grad_clip"].default, help="gradient norm clip"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=d["seed"].default,
+        help="seed of initialization, batches and masks",
+    )
+    p.add_argument(
+        "--branch-drop",
+        type=float,
+        default=d["branch_drop"].default,
+        help="probability a branch is out in a step; 0 disables branch dropout",
+    )
+    p.add_argument(
+        "--mask-per",
+        choices=("step", "sequence"),
+        default=d["mask_per"].default,
+        help="draw branch masks per step (dropped branches skipped) or per sequence",
+    )
+    p.add_argument(
+        "--entropy-floor",
+        type=float,
+        default=d["entropy_floor"].default,
+        help="minimum H(alpha) as a fraction of log K (minimum participation)",
+    )
+    p.add_argument(
+        "--entropy-weight",
+        type=float,
+        default=d["entropy_weight"].default,
+        help="weight of the entropy-floor penalty; 0 disables it",
+    )
+    p.add_argument(
+        "--eval-interval",
+        type=int,
+        default=d["eval_interval"].default,
+        help="steps between validation perplexities",
+    )
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=d["eval_tokens"].default,
+        help="validation tokens scored each time",
+    )
+    p.add_argument(
+        "--checkpoint-interval",
+        type=int,
+        default=d["checkpoint_interval"].default,
+        help="steps between checkpoints",
+    )
+    p.add_argument("--vocab-size", type=int, default=m.vocab_size, help="BPE vocabulary size")
+    p.add_argument("--d-model", type=int, default=m.d_model, help="model width")
+    p.add_argument("--heads", type=int, default=m.n_heads, help="attention heads")
+    p.add_argument("--context", type=int, default=m.context_length, help="context length in tokens")
+    p.add_argument("--layers", type=int, default=m.n_layers, help="MBT layers")
+    p.add_argument(
+        "--branches",
+        type=_branches,
+        default=(m.branches[0],),
+        help="branches per layer: K for every layer, or K,K,... one per layer",
+    )
+    p.add_argument(
+        "--blocks-per-branch",
+        type=int,
+        default=m.blocks_per_branch,
+        help="transformer blocks in each branch",
+    )
+    p.add_argument(
+        "--dropout", type=float, default=m.dropout, help="ordinary dropout inside blocks"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    branches = args.branches * args.layers if len(args.branches) == 1 else args.branches
+    model = ModelConfig(
+        vocab_size=args.vocab_size,
+        d_model=args.d_model,
+        n_heads=args.heads,
+        context_length=args.context,
+        n_layers=args.layers,
+        branches=branches,
+        blocks_per_branch=args.blocks_per_branch,
+        dropout=args.dropout,
+    )
+    cfg = TrainConfig(
+        data=args.data or default_corpus_path(),
+        out_dir=args.out,
+        model=model,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        seed=args.seed,
+        branch_drop=args.branch_drop,
+        mask_per=args.mask_per,
+        entropy_floor=args.entropy_floor,
+        entropy_weight=args.entropy_weight,
+        eval_interval=args.eval_interval,
+        eval_tokens=args.eval_tokens,
+        checkpoint_interval=args.checkpoint_interval,
+    )
+    path = train(cfg, progress=not args.no_progress)
+    print(f"checkpoint: {path}")
+    return 0
