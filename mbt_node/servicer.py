@@ -1,9 +1,10 @@
 """``mbt.v1.BranchService``: validate at the boundary, batch below, abort with a clear status.
 
-The layers below raise domain errors (:class:`mbt_core.errors.SessionRefused` and its kinds);
-:data:`STATUS_OF` is the one table that turns them into gRPC status codes (and the cache
-length trailer). Every call is made by a :class:`Caller`: the certificate it presented under
-TLS, else its host; the session store binds sessions to it.
+The layers below, and the checks here, raise domain errors (the kinds of
+:class:`mbt_core.errors.SessionRefused`, and :mod:`mbt_node.errors`); :data:`STATUS_OF` is the
+one table that turns them into gRPC status codes, and :func:`status_of` adds the cache length
+trailer. Every call is made by a :class:`Caller`: the certificate it presented under TLS, else
+its host; the session store binds sessions to it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import math
 from collections.abc import AsyncIterator
 from functools import lru_cache
+from typing import NamedTuple, NoReturn
 
 import grpc
 import torch
@@ -23,6 +25,7 @@ from mbt_core.errors import (
     CertificateError,
     CodecError,
     LimitExceeded,
+    MbtError,
     NotSessionOwner,
     OutOfContext,
     SessionEnded,
@@ -39,28 +42,45 @@ from mbt_core.wire.contract import (
 from mbt_core.wire.protocol.mbt.v1 import branch_pb2 as pb
 from mbt_core.wire.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
 from mbt_node.batcher import BranchResult
+from mbt_node.errors import BranchNotServed, InvalidRequest, NodeLoading
 from mbt_node.faults import corrupt
 from mbt_node.runtime import NodeRuntime
 from mbt_node.sessions import MAX_SECRET_BYTES, MIN_SECRET_BYTES, Caller
-from mbt_node.status import StatusError
 
 log = logging.getLogger("mbt_node")
 MAX_SESSION_ID = 128
-STATUS_OF: dict[type[SessionRefused], grpc.StatusCode] = {
+STATUS_OF: dict[type[MbtError], grpc.StatusCode] = {
+    NodeLoading: grpc.StatusCode.UNAVAILABLE,
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    BranchNotServed: grpc.StatusCode.NOT_FOUND,
     CacheBehind: grpc.StatusCode.FAILED_PRECONDITION,
     SessionEnded: grpc.StatusCode.FAILED_PRECONDITION,
     OutOfContext: grpc.StatusCode.OUT_OF_RANGE,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotSessionOwner: grpc.StatusCode.PERMISSION_DENIED,
+    SessionRefused: grpc.StatusCode.FAILED_PRECONDITION,  # a kind not listed above
 }
+REFUSALS = tuple(STATUS_OF)  # what a call may raise on purpose; anything else is a bug
 
 
-def status_error(err: SessionRefused) -> StatusError:
-    """The gRPC form of a refusal: its code from :data:`STATUS_OF`, and for a cache behind
-    the step, its length in the ``mbt-cache-length`` trailer."""
-    code = STATUS_OF.get(type(err), grpc.StatusCode.FAILED_PRECONDITION)
-    metadata = ((CACHE_LENGTH_METADATA, str(err.length)),) if isinstance(err, CacheBehind) else ()
-    return StatusError(code, str(err), metadata)
+class Status(NamedTuple):
+    code: grpc.StatusCode
+    details: str
+    trailers: tuple[tuple[str, str], ...] = ()
+
+
+def status_of(err: MbtError) -> Status:
+    """The gRPC form of a refusal: the code of its nearest class in :data:`STATUS_OF`, and for
+    a cache behind the step, its length in the ``mbt-cache-length`` trailer."""
+    code = next(STATUS_OF[c] for c in type(err).__mro__ if c in STATUS_OF)
+    trailers = ((CACHE_LENGTH_METADATA, str(err.length)),) if isinstance(err, CacheBehind) else ()
+    return Status(code, str(err), trailers)
+
+
+async def abort(context: grpc.aio.ServicerContext, err: MbtError) -> NoReturn:
+    status = status_of(err)
+    await context.abort(status.code, status.details, trailing_metadata=status.trailers)
+    raise AssertionError("unreachable: abort raises")
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> Caller:
@@ -89,7 +109,7 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
 
     def _ready(self) -> NodeRuntime:
         if self.runtime is None:
-            raise StatusError(grpc.StatusCode.UNAVAILABLE, "node is loading its branches")
+            raise NodeLoading()
         return self.runtime
 
     async def Describe(
@@ -97,8 +117,8 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
     ) -> pb.DescribeResponse:
         try:
             rt = self._ready()
-        except StatusError as err:
-            await context.abort(err.code, err.details)
+        except NodeLoading as err:
+            await abort(context, err)
         cfg = rt.manifest.config
         lim = rt.cfg.limits
         return pb.DescribeResponse(
@@ -139,9 +159,8 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
             response = pb.ForwardResponse()
             await self._forward(request, response, caller_of(context))
             return response
-        except StatusError as err:
-            await context.abort(err.code, err.details, trailing_metadata=err.metadata)
-            raise  # unreachable: abort raises
+        except REFUSALS as err:
+            await abort(context, err)
 
     async def ForwardStream(
         self, request_iterator: AsyncIterator[pb.ForwardRequest], context: grpc.aio.ServicerContext
@@ -159,7 +178,7 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
             reply = pb.ForwardReply(request_id=request.request_id)
             try:
                 await self._forward(request, reply.response, caller)  # built in place
-            except StatusError as err:
+            except REFUSALS as err:
                 reply = pb.ForwardReply(request_id=request.request_id, error=_call_error(err))
             except Exception as exc:  # a bug must not leave the caller waiting in silence
                 log.exception("Forward failed")
@@ -209,17 +228,14 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
             await asyncio.sleep(rt.cfg.delay_ms / 1000)
         layer, branches = request.layer, request.branches
         results: list[BranchResult | BaseException]
-        try:
-            if len(branches) == 1:  # the usual case: no task to gather (a failure raises)
-                results = [await rt.batchers[(layer, branches[0])].submit(steps, inputs, caller)]
-            else:
-                jobs = [rt.batchers[(layer, b)].submit(steps, inputs, caller) for b in branches]
-                results = await asyncio.gather(*jobs, return_exceptions=True)
-            done = [r for r in results if isinstance(r, BranchResult)]
-            if len(done) != len(results):
-                raise next(r for r in results if isinstance(r, BaseException))
-        except SessionRefused as err:
-            raise status_error(err) from err
+        if len(branches) == 1:  # the usual case: no task to gather (a failure raises)
+            results = [await rt.batchers[(layer, branches[0])].submit(steps, inputs, caller)]
+        else:
+            jobs = [rt.batchers[(layer, b)].submit(steps, inputs, caller) for b in branches]
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+        done = [r for r in results if isinstance(r, BranchResult)]
+        if len(done) != len(results):
+            raise next(r for r in results if isinstance(r, BaseException))
         for b, result in zip(branches, done, strict=True):
             out = corrupt(rt.cfg.test_fault, result.outputs)
             encode_into(response.outputs.add(branch=b).outputs, out.to(sent))
@@ -231,24 +247,18 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
         try:
             rt = self._ready()
             released = rt.store.end(request.session_id, request.secret, caller_of(context))
-        except StatusError as err:
-            await context.abort(err.code, err.details)
-        except SessionRefused as refused:
-            err = status_error(refused)
-            await context.abort(err.code, err.details)
+        except REFUSALS as err:
+            await abort(context, err)
         return pb.EndSessionResponse(released_caches=released)
 
 
-def _call_error(err: StatusError) -> pb.CallError:
-    error = pb.CallError(code=err.code.value[0], details=err.details)
-    for key, value in err.metadata:
-        if key == CACHE_LENGTH_METADATA:
-            error.cache_length = int(value)
+def _call_error(err: MbtError) -> pb.CallError:
+    """A refusal as a stream reply carries it: the same code and cache length as an abort."""
+    status = status_of(err)
+    error = pb.CallError(code=status.code.value[0], details=status.details)
+    if isinstance(err, CacheBehind):
+        error.cache_length = err.length
     return error
-
-
-def _invalid(details: str) -> StatusError:
-    return StatusError(grpc.StatusCode.INVALID_ARGUMENT, details)
 
 
 def _validate(
@@ -259,47 +269,52 @@ def _validate(
     lim, cfg = rt.cfg.limits, rt.manifest.config
     layer, branches, wire_steps = request.layer, request.branches, request.steps
     if not branches:
-        raise _invalid("no branches requested")
+        raise InvalidRequest("no branches requested")
     if len(branches) > 1 and len(set(branches)) != len(branches):
-        raise _invalid("a branch is requested twice")
+        raise InvalidRequest("a branch is requested twice")
     missing = [b for b in branches if (layer, b) not in rt.branches]
     if missing:
-        raise StatusError(
-            grpc.StatusCode.NOT_FOUND,
+        raise BranchNotServed(
             f"layer {layer} branch {missing[0]} is not served by this node "
             f"(it serves {format_branches(tuple(sorted(rt.branches)))})",
         )
     if not wire_steps:
-        raise _invalid("no session steps given")
+        raise InvalidRequest("no session steps given")
     if len(wire_steps) > lim.max_steps_per_call:
-        raise _invalid(f"{len(wire_steps)} steps exceed the limit of {lim.max_steps_per_call}")
+        raise InvalidRequest(
+            f"{len(wire_steps)} steps exceed the limit of {lim.max_steps_per_call}"
+        )
     steps = [SessionStep(s.session_id, s.start, s.length, s.secret) for s in wire_steps]
     if len(steps) > 1 and len({s.session_id for s in steps}) != len(steps):
-        raise _invalid("a session appears twice in one call")
+        raise InvalidRequest("a session appears twice in one call")
     for i, s in enumerate(steps):
         if not s.session_id or len(s.session_id) > MAX_SESSION_ID:
-            raise _invalid(f"session ids must have 1..{MAX_SESSION_ID} characters")
+            raise InvalidRequest(f"session ids must have 1..{MAX_SESSION_ID} characters")
         if s.length == 0:
-            raise _invalid(f"step {i}: step length must be positive")
+            raise InvalidRequest(f"step {i}: step length must be positive")
         if not MIN_SECRET_BYTES <= len(s.secret) <= MAX_SECRET_BYTES:
-            raise _invalid(
+            raise InvalidRequest(
                 f"step {i}: a session secret has {MIN_SECRET_BYTES}..{MAX_SECRET_BYTES} bytes, "
                 f"got {len(s.secret)} (protocol version {PROTOCOL_VERSION})"
             )
     total = sum(s.length for s in steps)
     if total > lim.max_tokens_per_call:
-        raise _invalid(f"{total} positions exceed the limit of {lim.max_tokens_per_call} per call")
+        raise InvalidRequest(
+            f"{total} positions exceed the limit of {lim.max_tokens_per_call} per call"
+        )
     try:
         x = decode(request.inputs, max_elements=lim.max_tokens_per_call * cfg.d_model)
     except CodecError as exc:
-        raise _invalid(f"inputs: {exc}") from exc
+        raise InvalidRequest(f"inputs: {exc}") from exc
     if x.dim() != 2 or x.shape[1] != cfg.d_model:
-        raise _invalid(f"inputs must have shape (positions, {cfg.d_model}), got {tuple(x.shape)}")
+        raise InvalidRequest(
+            f"inputs must have shape (positions, {cfg.d_model}), got {tuple(x.shape)}"
+        )
     if x.shape[0] != total:
-        raise _invalid(f"inputs hold {x.shape[0]} positions, the steps add up to {total}")
+        raise InvalidRequest(f"inputs hold {x.shape[0]} positions, the steps add up to {total}")
     # A finite sum proves every value finite (NaN and Inf propagate) in one cheap op; only a
     # non-finite sum, NaN/Inf or a float overflow of huge values, needs the exact check.
     if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
-        raise _invalid("inputs contain NaN or Inf")
+        raise InvalidRequest("inputs contain NaN or Inf")
     sent = x.dtype
     return steps, x.to(device=rt.cfg.device, dtype=rt.dtype), sent

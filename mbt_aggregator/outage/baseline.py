@@ -1,6 +1,6 @@
 """The same workload on the same model in this one process: the single-machine baseline.
 
-Greedy generation is ``mbt_core.sampling.generate`` (the gateway's loop mirrors it step for
+Greedy generation is ``mbt_core.model.sampling.generate`` (the gateway's loop mirrors it step for
 step), and scoring cuts the text into the same non-overlapping context windows as the
 gateway's ``Score``, so a healthy distributed run must match both exactly: the greedy tokens,
 and the next-token distributions up to float rounding (KL ~ 0). Generations run one after

@@ -272,13 +272,14 @@ def run_soak(cfg: SoakConfig) -> SoakResult:
         t0 = time.perf_counter()
         churn = _Churn(c, cfg, t0)
         churn.start()
-        bar = tqdm(total=round(cfg.duration_s), unit="s", disable=not cfg.progress, leave=False)
+        total = round(cfg.duration_s)
+        bar = tqdm(total=total, unit="s", disable=not cfg.progress, leave=False)
 
         async def main() -> None:
             async def tick() -> None:
                 while True:
                     await asyncio.sleep(1.0)
-                    bar.n = min(bar.total, round(time.perf_counter() - t0))
+                    bar.n = min(total, round(time.perf_counter() - t0))
                     bar.set_postfix(ok=counts.completed, failed=counts.failed)
 
             ticker = asyncio.create_task(tick())

@@ -3,8 +3,8 @@
 Each node downloads and verifies only the files it serves, so every branch gets its own file
 and its own hash in the manifest. The manifest is written last: a folder with a manifest never
 points at files that are not there yet. Calibrated output-norm bounds
-(:mod:`mbt_core.calibration`), when given, go into each branch's manifest entry, so they are
-signed with everything else.
+(:mod:`mbt_core.artifacts.calibration`), when given, go into each branch's manifest entry, so
+they are signed with everything else.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def export_artifacts(
 ) -> Manifest:
     """Write the artifact files and ``manifest.json`` into ``out_dir`` (new or empty).
 
-    ``norm_bounds`` (from :func:`mbt_core.calibration.branch_norm_bounds`) must then cover
+    ``norm_bounds`` (from :func:`mbt_core.artifacts.calibration.branch_norm_bounds`) must then cover
     every branch.
     """
     if expires_days <= 0:

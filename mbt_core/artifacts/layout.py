@@ -1,7 +1,7 @@
 """How a model's tensors split into artifact files: one file per branch, the rest in the trunk.
 
 A branch file holds the keys of ``model.layers[l].branches[b].state_dict()`` so a node can load
-it into a lone :class:`~mbt_core.branch.Branch`; the trunk keeps the full model's key names.
+it into a lone :class:`~mbt_core.model.blocks.Branch`; the trunk keeps the full model's key names.
 The reference modules live on the meta device: they give expected names, shapes and dtypes
 without allocating a single weight.
 """
@@ -9,9 +9,9 @@ without allocating a single weight.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from mbt_core.model.blocks import Branch
+from mbt_core.model.blocks import Branch, Modules
 from mbt_core.model.config import ModelConfig
 from mbt_core.model.lm import MBTLanguageModel
 
@@ -54,12 +54,12 @@ def join_state(
     return state
 
 
-def trunk_reference(cfg: ModelConfig) -> nn.Module:
+def trunk_reference(cfg: ModelConfig) -> MBTLanguageModel:
     """A weightless model stripped of its branches: its state dict is the trunk's."""
     with torch.device("meta"):
         model = MBTLanguageModel(cfg)
     for layer in model.layers:
-        layer.branches = nn.ModuleList()
+        layer.branches = Modules()
     return model
 
 

@@ -1,7 +1,7 @@
 """Verified loading of exported artifacts: signatures, expiry and rollback first, then files.
 
 A manifest is used only once enough trusted keys signed it (PEM key files and a threshold, or a
-:class:`~mbt_core.trust_root.TrustRoot`), it has not expired, and its version is neither below
+:class:`~mbt_core.trust.root.TrustRoot`), it has not expired, and its version is neither below
 nor an equivocating copy of one already accepted. Each file is hashed as it is read and parsed
 from those same bytes, so what was checked is what gets loaded, and an old file mixed into a
 new release fails its hash. A failure raises before anything is returned or recorded.

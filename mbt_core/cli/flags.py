@@ -10,10 +10,10 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mbt_core.trust.config import TlsConfig, TrustConfig
+from mbt_core.trust.config import TlsConfig, TrustConfig, read_token
 
 if TYPE_CHECKING:
-    pass
+    from mbt_core.wire.gateway_client import Credentials
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -110,3 +110,11 @@ def add_gateway_client_arguments(p: argparse.ArgumentParser, help: str) -> None:
         default=None,
         help="bearer token for a gateway started with --api-auth token",
     )
+
+
+def gateway_credentials(args: argparse.Namespace) -> Credentials:
+    """What the ``--gateway`` client flags name: TLS files and a bearer token."""
+    from mbt_core.wire.gateway_client import Credentials  # gRPC only for commands that call out
+
+    token = read_token(args.token_file) if args.token_file is not None else None
+    return Credentials(tls_config_from_args(args), token)

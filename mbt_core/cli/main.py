@@ -1,4 +1,4 @@
-"""The ``mbt`` command: one subcommand per module in ``mbt_core.commands``."""
+"""The ``mbt`` command: one subcommand per module in ``mbt_core.cli.commands``."""
 
 from __future__ import annotations
 

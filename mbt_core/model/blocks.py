@@ -8,7 +8,8 @@ added by the trunk's embedding, so a branch needs no position index, only its ca
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Iterator, Sequence
+from typing import Any, Generic, NamedTuple, TypeVar, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,25 @@ from torch.nn.utils.rnn import pad_sequence
 from mbt_core.errors import MbtError
 from mbt_core.model.config import ModelConfig
 from mbt_core.model.kv import BranchCache, KVView, RaggedKV, UniformKV
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class Modules(nn.ModuleList, Generic[M]):
+    """An ``nn.ModuleList`` that says what it holds, so that ``model.layers[i].branches[b]``
+    is typed; the state dict and everything else are a plain ``ModuleList``'s."""
+
+    def __iter__(self) -> Iterator[M]:
+        return cast(Iterator[M], super().__iter__())
+
+    @overload
+    def __getitem__(self, idx: slice) -> Modules[M]: ...
+
+    @overload
+    def __getitem__(self, idx: int) -> M: ...
+
+    def __getitem__(self, idx: int | slice) -> M | Modules[M]:
+        return cast("M | Modules[M]", super().__getitem__(idx))
 
 
 class CausalSelfAttention(nn.Module):
@@ -100,7 +120,7 @@ class Block(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Block:
         self.__dict__.pop("_gathered", None)
-        return super()._apply(fn, recurse)
+        return cast(Block, super()._apply(fn, recurse))  # type: ignore[no-untyped-call]
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self.__dict__.pop("_gathered", None)  # load_state_dict(assign=True) swaps parameters
@@ -111,7 +131,7 @@ class Block(nn.Module):
         gathered = self.__dict__.get("_gathered")
         if gathered is None:
             ln1, attn, ln2 = self.ln1, self.attn, self.ln2
-            fc, act, out = self.mlp
+            fc, act, out = cast(tuple[nn.Linear, nn.GELU, nn.Linear], tuple(self.mlp))
             gathered = _Weights(
                 (ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps),
                 attn.qkv.weight,
@@ -146,7 +166,7 @@ class Branch(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.blocks_per_branch))
+        self.blocks: Modules[Block] = Modules(Block(cfg) for _ in range(cfg.blocks_per_branch))
 
     def new_cache(self) -> BranchCache:
         n = len(self.blocks)
@@ -167,7 +187,7 @@ class Branch(nn.Module):
         return out
 
     def forward_ragged(
-        self, packed: Tensor, caches: list[BranchCache], lengths: list[int]
+        self, packed: Tensor, caches: Sequence[BranchCache], lengths: list[int]
     ) -> Tensor:
         """Run many sessions at once: ``packed`` (sum(lengths), C) holds each session's new
         positions in order; each continues its own cache. Returns outputs in the same packing.
@@ -188,7 +208,7 @@ class Branch(nn.Module):
         if uniform:
             rows = packed.view(len(lengths), t, packed.shape[1])  # (B, T, C)
         else:
-            rows = pad_sequence(list(packed.split(lengths)), batch_first=True)
+            rows = pad_sequence(list(torch.split(packed, lengths)), batch_first=True)
         out = self._run(rows, RaggedKV(caches, lengths, packed.device))
         for cache, n in zip(caches, lengths, strict=True):
             cache.length += n  # every block succeeded

@@ -82,7 +82,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AggregationConfig:
-    """How a layer fuses its branch outputs (see ``mbt_core.aggregate``)."""
+    """How a layer fuses its branch outputs (see ``mbt_core.model.aggregate``)."""
 
     mode: str = "mean"
     # An output whose norm exceeds this many times the median norm of the layer is rejected.

@@ -4,6 +4,7 @@ sessions from, and the two views (uniform, ragged) that attention reads them thr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -202,7 +203,9 @@ class RaggedKV:
     ``caches[s].length`` cached ones; each session's cache is extended with its real rows only.
     """
 
-    def __init__(self, caches: list[BranchCache], lengths: list[int], device: torch.device) -> None:
+    def __init__(
+        self, caches: Sequence[BranchCache], lengths: list[int], device: torch.device
+    ) -> None:
         self.caches, self.lengths = caches, lengths
         cached = [c.length for c in caches]
         t_max = max(lengths)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from mbt_core.errors import MbtError
 from mbt_core.model.aggregate import Aggregated, aggregate
-from mbt_core.model.blocks import Branch
+from mbt_core.model.blocks import Branch, Modules
 from mbt_core.model.config import AggregationConfig, ModelConfig
 from mbt_core.model.kv import BranchCache
 
@@ -40,7 +40,7 @@ class MBTLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, n_branches: int) -> None:
         super().__init__()
-        self.branches = nn.ModuleList(Branch(cfg) for _ in range(n_branches))
+        self.branches: Modules[Branch] = Modules(Branch(cfg) for _ in range(n_branches))
         self.alpha_logits = nn.Parameter(torch.zeros(n_branches))
 
     def weights(self) -> Tensor:
@@ -92,7 +92,7 @@ class MBTLanguageModel(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(MBTLayer(cfg, k) for k in cfg.branches)
+        self.layers: Modules[MBTLayer] = Modules(MBTLayer(cfg, k) for k in cfg.branches)
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self._init_weights()
 
@@ -124,7 +124,8 @@ class MBTLanguageModel(nn.Module):
                 f"the context length {self.cfg.context_length}"
             )
         pos = torch.arange(start, start + t, device=idx.device)
-        return self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        h: Tensor = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        return h
 
     def logits(self, h: Tensor) -> Tensor:
         """Final norm and LM head (tied to the token embedding)."""

@@ -9,7 +9,7 @@ files beside it) their signatures sit inside the document::
 What is signed is the payload's canonical JSON (sorted keys, no spaces, UTF-8). The payload's
 own ``format`` names the kind of document, so a signature over a roster never passes as one
 over a trust root. Counting against a threshold follows the manifest's rules
-(:func:`mbt_core.signing.verify_one`, :func:`mbt_core.signing.shortfall`).
+(:func:`mbt_core.trust.keys.verify_one`, :func:`mbt_core.trust.keys.shortfall`).
 """
 
 from __future__ import annotations

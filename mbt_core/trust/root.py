@@ -1,6 +1,6 @@
 """Trust roots: which keys may sign manifests and rosters, how many must, and how that rotates.
 
-A root is a signed document (:mod:`mbt_core.envelope`) with a version, a validity window, a
+A root is a signed document (:mod:`mbt_core.trust.documents`) with a version, a validity window, a
 threshold and Ed25519 public keys. The operator pins root v1 as a file. Root N+1 is accepted
 only when a threshold of root N's keys *and* a threshold of its own keys signed it, so neither
 a thief of the old keys nor one of the new keys alone can take over; versions rise by exactly

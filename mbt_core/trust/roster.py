@@ -1,8 +1,8 @@
 """Rosters: the operator-signed list of node ids a gateway may admit.
 
-A node id is the SHA-256 of its TLS certificate's public key (:func:`mbt_core.certs.
+A node id is the SHA-256 of its TLS certificate's public key (:func:`mbt_core.trust.certs.
 public_key_fingerprint`), so a node on the roster is one that holds that private key; mDNS or a
-peer list only says where to look. A roster is a signed document (:mod:`mbt_core.envelope`)
+peer list only says where to look. A roster is a signed document (:mod:`mbt_core.trust.documents`)
 with a version and an expiry, verified like the manifest: against PEM public keys and a
 threshold, or against the keys of a trust root.
 """

@@ -23,7 +23,7 @@ MAX_RANK = 8
 class _DType(NamedTuple):
     name: str  # as flags and configs spell it
     torch: torch.dtype
-    wire: int  # the mbt.v1.DType code
+    wire: pb.DType  # the mbt.v1.DType code
     computes: bool  # a node may compute in it (CPU float16 matmuls are too slow to offer)
 
 
@@ -36,10 +36,10 @@ _TABLE = (
 DTYPES: dict[str, torch.dtype] = {d.name: d.torch for d in _TABLE}
 COMPUTE_DTYPES: tuple[str, ...] = tuple(d.name for d in _TABLE if d.computes)
 _TO_WIRE = {d.torch: d.wire for d in _TABLE}
-_FROM_WIRE = {d.wire: d.torch for d in _TABLE}
+_FROM_WIRE: dict[int, torch.dtype] = {d.wire: d.torch for d in _TABLE}
 
 if sys.byteorder != "little":  # the wire is little-endian; no big-endian host is supported yet
-    raise ImportError("mbt_core.codec needs a little-endian host")
+    raise ImportError("mbt_core.wire.codec needs a little-endian host")
 
 # Decoded tensors wrap the message's immutable bytes and are never written into: the warning
 # torch gives for that is noise. Filtered once here (a per-call catch_warnings costs more than
@@ -47,7 +47,7 @@ if sys.byteorder != "little":  # the wire is little-endian; no big-endian host i
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
-def wire_dtype(dtype: torch.dtype) -> int:
+def wire_dtype(dtype: torch.dtype) -> pb.DType:
     """The wire code of a supported torch dtype (``Describe`` says what a node computes in)."""
     code = _TO_WIRE.get(dtype)
     if code is None:

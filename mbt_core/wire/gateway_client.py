@@ -13,17 +13,15 @@ host name or IP (which its certificate must list).
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
 
-from mbt_core.cli.flags import tls_config_from_args
 from mbt_core.errors import MbtError
 from mbt_core.model.sampling import SamplingConfig
-from mbt_core.trust.config import TlsConfig, read_token
+from mbt_core.trust.config import TlsConfig
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 
@@ -41,11 +39,6 @@ class Credentials:
 
     tls: TlsConfig = field(default_factory=TlsConfig)
     token: str | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Credentials:
-        token = read_token(args.token_file) if args.token_file is not None else None
-        return cls(tls_config_from_args(args), token)
 
     def channel(self, address: str, options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
         if not self.tls.enabled:

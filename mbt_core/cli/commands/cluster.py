@@ -16,7 +16,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from mbt_core.cluster.local import Layout, LocalCluster
 from mbt_core.model.sampling import SamplingConfig
+from mbt_core.wire.gateway_client import OUTCOME_NAMES, describe_layers, generate_remote
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,10 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # The CLI is the composition root: it may start what mbt_core itself knows nothing of.
-    from mbt_core.cluster.local import Layout, LocalCluster
-    from mbt_core.wire.gateway_client import OUTCOME_NAMES, describe_layers, generate_remote
-
     cfg = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=0.0 if args.greedy else args.temperature,

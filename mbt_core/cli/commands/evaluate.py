@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from mbt_core.cli.commands.common import add_model_arguments, load_model
-from mbt_core.cli.flags import add_gateway_client_arguments
+from mbt_core.cli.flags import add_gateway_client_arguments, gateway_credentials
 from mbt_core.training.data import evaluation_texts, token_stream
 from mbt_core.training.evaluate import outage_table
 
@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_remote(args: argparse.Namespace) -> int:
     """Perplexity of the distributed model as it is now (its outages are real ones)."""
-    from mbt_core.wire.gateway_client import Credentials, score_remote
+    from mbt_core.wire.gateway_client import score_remote
 
     if args.artifacts or args.checkpoint:
         raise ValueError(
@@ -63,7 +63,7 @@ def run_remote(args: argparse.Namespace) -> int:
         )
     texts = evaluation_texts(args.text_file)
     text = "\n".join(texts)
-    reply = score_remote(args.gateway, text, credentials=Credentials.from_args(args))
+    reply = score_remote(args.gateway, text, credentials=gateway_credentials(args))
     if args.json:
         print(
             json.dumps(

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from mbt_core.cli.commands.common import add_model_arguments, load_model
-from mbt_core.cli.flags import add_gateway_client_arguments
+from mbt_core.cli.flags import add_gateway_client_arguments, gateway_credentials
 from mbt_core.model.config import AggregationConfig
 from mbt_core.model.masks import describe, parse_drop_spec, training_masks
 from mbt_core.model.sampling import SamplingConfig, generate
@@ -71,7 +71,7 @@ def _sampling(args: argparse.Namespace) -> SamplingConfig:
 
 def run_remote(args: argparse.Namespace) -> int:
     """Generate through a gateway; the CLI is the composition root that may reach it."""
-    from mbt_core.wire.gateway_client import Credentials, describe_layers, generate_remote
+    from mbt_core.wire.gateway_client import describe_layers, generate_remote
 
     if args.drop or args.drop_rate or args.artifacts or args.checkpoint:
         raise ValueError(
@@ -79,7 +79,7 @@ def run_remote(args: argparse.Namespace) -> int:
             "and --artifacts do not apply"
         )
     sys.stdout.write(args.prompt)
-    credentials = Credentials.from_args(args)
+    credentials = gateway_credentials(args)
     for event in generate_remote(
         args.gateway, args.prompt, _sampling(args), credentials=credentials
     ):

@@ -1,7 +1,7 @@
 """Per-branch defenses against Byzantine nodes: bounds, replica votes and audits, quarantine.
 
-Fake nodes run the real branches in process (``tests.unit.aggregator.test_engine.FakeClient``); a bad one
-corrupts its answers as ``mbt-node --unsafe-test-fault`` does.
+Fake nodes run the real branches in process (``tests.unit.aggregator.test_engine.FakeClient``);
+a bad one corrupts its answers as ``mbt-node --unsafe-test-fault`` does.
 """
 
 from __future__ import annotations
