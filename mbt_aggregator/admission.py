@@ -19,15 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from mbt_aggregator.client import NodeCallError, NodeClient
+from mbt_aggregator.client import NodeClient
 from mbt_aggregator.fit import CallLimits
 from mbt_aggregator.identity import ClusterTls, IdentityError, presented_node_id
 from mbt_aggregator.registry import Node
 from mbt_core.artifacts.manifest import Manifest, manifest_digest
-from mbt_core.errors import CodecError, MbtError
+from mbt_core.errors import CodecError, MbtError, NodeCallError
 from mbt_core.wire.codec import torch_dtype
-from mbt_core.wire.contract import PROTOCOL_VERSION
-from mbt_core.wire.protocol.mbt.v1 import branch_pb2 as pb
+from mbt_core.wire.contract import PROTOCOL_VERSION, NodeInfo
 
 
 class Rejected(MbtError):
@@ -143,7 +142,7 @@ def _check_membership(address: str, node_id: str, expect: Expectation) -> None:
         raise Rejected(address, "not_allowed", f"node id {node_id[:16]} is not on the allow-list")
 
 
-def _check(address: str, info: pb.DescribeResponse, expect: Expectation) -> None:
+def _check(address: str, info: NodeInfo, expect: Expectation) -> None:
     def reject(reason: str, details: str) -> None:
         raise Rejected(address, reason, details)
 

@@ -129,9 +129,9 @@ async def _fanout(cluster: LocalCluster, iters: int, rows: int = 1) -> dict[str,
     finally:
         for c in channels:
             await c.close()
-        for proc, _ in echoes:
-            proc.kill()
-            proc.wait()
+        for echo_proc, _ in echoes:
+            echo_proc.kill()
+            echo_proc.wait()
         for session in sessions:
             await engine.end_session(session)
         await engine.close()

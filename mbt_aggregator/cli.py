@@ -10,7 +10,7 @@ from pathlib import Path
 from mbt_aggregator.auth import API_AUTH_MODES, ApiAuth
 from mbt_aggregator.config import WIRE_DTYPES, AggregatorConfig, GatewayLimits
 from mbt_aggregator.defense_cli import add_defense_arguments, defense_from_args
-from mbt_aggregator.engine import BatchingConfig
+from mbt_aggregator.engine import GatherConfig
 from mbt_aggregator.policy import MODES, FanoutPolicy
 from mbt_aggregator.server import run_gateway
 from mbt_core.cli.flags import (
@@ -52,7 +52,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    pol, lim, bat = FanoutPolicy(), GatewayLimits(), BatchingConfig()
+    pol, lim, bat = FanoutPolicy(), GatewayLimits(), GatherConfig()
     p = argparse.ArgumentParser(
         prog="mbt-aggregator",
         description=__doc__,
@@ -220,7 +220,7 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_requests_per_client=args.max_requests_per_client,
         ),
-        batching=BatchingConfig(max_batch_steps=args.max_batch_steps, gather_ms=args.gather_ms),
+        gather=GatherConfig(max_batch_steps=args.max_batch_steps, gather_ms=args.gather_ms),
         defense=defense_from_args(args),
     )
 

@@ -6,10 +6,13 @@ replies are matched by request id. A broken stream fails its pending calls and t
 opens a new one. A late reply (past the caller's timeout) is dropped: the node still computed
 it, so its cache has no hole.
 
-gRPC errors are translated here, at the boundary: a node that reports missing cache positions
-raises :class:`CacheGap` with its length, so the caller can replay; anything else raises
-:class:`NodeCallError` with the status code. Outputs come back in the wire dtype the request
-was sent in and are handed on as float32 (what the trunk fuses in).
+gRPC errors are translated here, at the boundary, through one table (:data:`ERROR_OF`) into
+the kinds of :class:`mbt_core.errors.NodeCallError` (the client's own failures, a timeout or a
+broken stream, go through it too): a node that reports missing cache positions raises
+:class:`CacheGap` with its length, so the caller can replay. Above this module nothing reads
+a protobuf message: :meth:`NodeClient.describe` returns a :class:`NodeInfo`, and a
+:class:`Payload` is made of contract steps and a tensor. Outputs come back in the wire dtype
+the request was sent in and are handed on as float32 (what the trunk fuses in).
 """
 
 from __future__ import annotations
@@ -23,38 +26,57 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mbt_core.errors import MbtError
+from mbt_core.errors import (
+    CacheGap,
+    NodeCallError,
+    NodeFailed,
+    NodeOverloaded,
+    NodeRefused,
+    NodeTimeout,
+    NodeUnavailable,
+)
 from mbt_core.trust.certs import TlsMaterial, node_id_hostname
 from mbt_core.wire.codec import decode, encode
-from mbt_core.wire.contract import CACHE_LENGTH_METADATA
+from mbt_core.wire.contract import (
+    CACHE_LENGTH_METADATA,
+    NodeInfo,
+    NodeLimits,
+    ServedBranch,
+    SessionStep,
+)
 from mbt_core.wire.protocol.mbt.v1 import branch_pb2 as pb
 from mbt_core.wire.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
 
+_S = grpc.StatusCode
+# The one translation of gRPC status codes into the error tree. The first six say something
+# about the node (it is benched for a while); every other code is a refusal of the request.
+ERROR_OF: dict[grpc.StatusCode, type[NodeCallError]] = {
+    _S.UNAVAILABLE: NodeUnavailable,
+    _S.DEADLINE_EXCEEDED: NodeTimeout,
+    _S.RESOURCE_EXHAUSTED: NodeOverloaded,
+    _S.INTERNAL: NodeFailed,
+    _S.UNKNOWN: NodeFailed,
+    _S.CANCELLED: NodeFailed,
+    _S.FAILED_PRECONDITION: NodeRefused,  # with the cache-length trailer: a CacheGap
+    _S.INVALID_ARGUMENT: NodeRefused,
+    _S.OUT_OF_RANGE: NodeRefused,
+    _S.PERMISSION_DENIED: NodeRefused,
+    _S.UNAUTHENTICATED: NodeRefused,
+    _S.NOT_FOUND: NodeRefused,
+    _S.ALREADY_EXISTS: NodeRefused,
+    _S.ABORTED: NodeRefused,
+    _S.UNIMPLEMENTED: NodeRefused,
+    _S.DATA_LOSS: NodeRefused,
+}
 
-class NodeCallError(MbtError):
-    """A call to a node failed (unreachable, refused, timed out)."""
 
-    def __init__(self, address: str, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{address}: {code.name}: {details}")
-        self.address = address
-        self.code = code
-        self.details = details
-
-
-class CacheGap(NodeCallError):
-    """The node's cache for a session holds fewer positions than the step assumed."""
-
-    def __init__(self, address: str, details: str, length: int) -> None:
-        super().__init__(address, grpc.StatusCode.FAILED_PRECONDITION, details)
-        self.length = length
-
-
-@dataclass(frozen=True)
-class StepSpec:
-    session_id: str
-    start: int
-    length: int
-    secret: bytes  # binds the session to this gateway (protocol version 2)
+def node_error(
+    address: str, code: grpc.StatusCode, details: str, cache_length: int | None = None
+) -> NodeCallError:
+    """The error kind of a failed call; a cache gap when the node said how long its cache is."""
+    if code == _S.FAILED_PRECONDITION and cache_length is not None:
+        return CacheGap(address, details, cache_length)
+    return ERROR_OF.get(code, NodeFailed)(address, details, code.name)
 
 
 @dataclass(frozen=True)
@@ -63,32 +85,20 @@ class Payload:
 
     Serialized once for all nodes: each node's branches and request id are serialized alone
     and appended (protobuf merges concatenated messages), so a fan-out copies and encodes its
-    inputs once, not once per node. The message fields stay for callers that want them.
+    inputs once, not once per node.
     """
 
     layer: int
-    steps: list[pb.SessionStep]
-    inputs: pb.Tensor
     data: bytes
 
     @classmethod
-    def of(
-        cls,
-        layer: int,
-        steps: Sequence[StepSpec | pb.SessionStep],
-        inputs: torch.Tensor | pb.Tensor,
-    ) -> Payload:
+    def of(cls, layer: int, steps: Sequence[SessionStep], inputs: torch.Tensor) -> Payload:
         wire_steps = [
-            s
-            if isinstance(s, pb.SessionStep)
-            else pb.SessionStep(
-                session_id=s.session_id, start=s.start, length=s.length, secret=s.secret
-            )
+            pb.SessionStep(session_id=s.session_id, start=s.start, length=s.length, secret=s.secret)
             for s in steps
         ]
-        tensor = inputs if isinstance(inputs, pb.Tensor) else encode(inputs)
-        request = pb.ForwardRequest(layer=layer, steps=wire_steps, inputs=tensor)
-        return cls(layer, wire_steps, tensor, request.SerializeToString())
+        request = pb.ForwardRequest(layer=layer, steps=wire_steps, inputs=encode(inputs))
+        return cls(layer, request.SerializeToString())
 
     def request(self, branches: Sequence[int], request_id: int) -> bytes:
         """The serialized ``ForwardRequest`` for one node."""
@@ -123,26 +133,26 @@ class _Stream:
             return await future
         except grpc.aio.AioRpcError as exc:  # the stream broke (refused, reset) while writing
             self.closed = True
-            raise NodeCallError(self.address, exc.code(), exc.details() or "") from exc
+            raise node_error(self.address, exc.code(), exc.details() or "") from exc
         except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:  # it had already ended
             self.closed = True
-            raise NodeCallError(self.address, grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+            raise node_error(self.address, _S.UNAVAILABLE, str(exc)) from exc
         finally:
             self._pending.pop(request_id, None)
             if future.done() and not future.cancelled():
                 future.exception()  # retrieved: the reader may have failed it meanwhile
 
     async def _read(self) -> None:
-        error = NodeCallError(self.address, grpc.StatusCode.UNAVAILABLE, "stream ended")
+        error = node_error(self.address, _S.UNAVAILABLE, "stream ended")
         try:
             async for reply in self._call:
                 future = self._pending.get(reply.request_id)
                 if future is not None and not future.done():
                     future.set_result(reply)
         except grpc.aio.AioRpcError as exc:
-            error = NodeCallError(self.address, exc.code(), exc.details() or "")
+            error = node_error(self.address, exc.code(), exc.details() or "")
         except asyncio.CancelledError:
-            error = NodeCallError(self.address, grpc.StatusCode.CANCELLED, "client closed")
+            error = node_error(self.address, _S.CANCELLED, "client closed")
         finally:
             self.closed = True
             for future in self._pending.values():
@@ -200,11 +210,12 @@ class NodeClient:
             await self._stream.close()
         await self._channel.close()
 
-    async def describe(self, timeout_s: float) -> pb.DescribeResponse:
+    async def describe(self, timeout_s: float) -> NodeInfo:
         try:
-            return await self._stub.Describe(pb.DescribeRequest(), timeout=timeout_s)
+            reply = await self._stub.Describe(pb.DescribeRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self._translate(exc) from exc
+        return node_info(reply)
 
     async def serving(self, timeout_s: float) -> bool:
         """Whether the node's gRPC health service says its branches are being served (False
@@ -231,21 +242,19 @@ class NodeClient:
                     request_id, payload.request(branches, request_id)
                 )
         except TimeoutError:
-            raise NodeCallError(
-                self.address, grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply in {timeout_s:.3g} s"
+            raise node_error(
+                self.address, _S.DEADLINE_EXCEEDED, f"no reply in {timeout_s:.3g} s"
             ) from None
         if reply.HasField("error"):
             e = reply.error
             cache = e.cache_length if e.HasField("cache_length") else None
-            raise self._error(_CODES.get(e.code, grpc.StatusCode.UNKNOWN), e.details, cache)
+            code = _CODES.get(e.code, _S.UNKNOWN)
+            raise node_error(self.address, code, e.details, cache)
         response = reply.response
         outputs = {o.branch: decode(o.outputs).float() for o in response.outputs}
         if len(outputs) != len(branches) or any(b not in outputs for b in branches):
-            raise NodeCallError(
-                self.address,
-                grpc.StatusCode.INTERNAL,
-                f"answered branches {sorted(outputs)}, asked {sorted(branches)}",
-            )
+            asked = f"answered branches {sorted(outputs)}, asked {sorted(branches)}"
+            raise node_error(self.address, _S.INTERNAL, asked)
         return outputs, response.compute_seconds
 
     async def end_session(self, session_id: str, secret: bytes, timeout_s: float) -> int:
@@ -262,12 +271,35 @@ class NodeClient:
         for key, value in exc.trailing_metadata() or ():
             if key == CACHE_LENGTH_METADATA:
                 cache = int(value)
-        return self._error(exc.code(), exc.details() or "", cache)
-
-    def _error(self, code: grpc.StatusCode, details: str, cache: int | None) -> NodeCallError:
-        if code == grpc.StatusCode.FAILED_PRECONDITION and cache is not None:
-            return CacheGap(self.address, details, cache)
-        return NodeCallError(self.address, code, details)
+        return node_error(self.address, exc.code(), exc.details() or "", cache)
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def node_info(reply: pb.DescribeResponse) -> NodeInfo:
+    """What ``Describe`` said, as the contract spells it."""
+    lim = reply.limits
+    return NodeInfo(
+        node_id=reply.node_id,
+        model_id=reply.model_id,
+        model_version=reply.model_version,
+        manifest_sha256=reply.manifest_sha256,
+        branches=tuple(ServedBranch(b.layer, b.branch, b.artifact_sha256) for b in reply.branches),
+        device=reply.device,
+        dtype=reply.dtype,
+        protocol_version=reply.protocol_version,
+        limits=NodeLimits(
+            max_sessions=lim.max_sessions,
+            max_cached_tokens=lim.max_cached_tokens,
+            max_message_bytes=lim.max_message_bytes,
+            max_steps_per_call=lim.max_steps_per_call,
+            max_tokens_per_call=lim.max_tokens_per_call,
+            max_sessions_per_caller=lim.max_sessions_per_caller,
+            max_cached_tokens_per_caller=lim.max_cached_tokens_per_caller,
+        ),
+        d_model=reply.d_model,
+        context_length=reply.context_length,
+        open_sessions=reply.open_sessions,
+        cached_tokens=reply.cached_tokens,
+    )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mbt_aggregator.auth import ApiAuth
 from mbt_aggregator.defense import DefenseConfig
-from mbt_aggregator.engine import BatchingConfig
+from mbt_aggregator.engine import GatherConfig
 from mbt_aggregator.policy import FanoutPolicy
 from mbt_core.model.config import AggregationConfig
 from mbt_core.trust.config import TlsConfig, TrustConfig, check_transport
@@ -57,7 +57,7 @@ class AggregatorConfig:
     policy: FanoutPolicy = field(default_factory=FanoutPolicy)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     limits: GatewayLimits = field(default_factory=GatewayLimits)
-    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    gather: GatherConfig = field(default_factory=GatherConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     admit_timeout_s: float = 2.0
     health_interval_s: float = 1.0

@@ -5,9 +5,10 @@ cross-branch median, or ``aggregate``'s ``norm_factor``) does not show whether t
 right. The gateway judges each branch against itself instead:
 
 * **Bounds.** Export signs each branch's calibrated output-norm bound into the manifest
-  (:mod:`mbt_core.calibration`). A row (one position of one session) holding NaN/Inf, or with
-  a norm beyond ``reject_factor`` x the bound, is rejected: the branch is masked for that row
-  and the weights renormalized. A row between the bound and that limit is clipped to the bound.
+  (:mod:`mbt_core.artifacts.calibration`). A row (one position of one session) holding
+  NaN/Inf, or with a norm beyond ``reject_factor`` x the bound, is rejected: the branch is
+  masked for that row and the weights renormalized. A row between the bound and that limit is
+  clipped to the bound.
   Rows within the bound pass bit for bit, so a healthy step still equals the in-process one.
   Branches without a bound (older manifests) keep the finiteness check and ``aggregate``'s
   cross-branch norm check.
@@ -30,7 +31,8 @@ right. The gateway judges each branch against itself instead:
   registry, which quarantines a node that keeps offending.
 
 A flipped sign, or a random direction with the right norm, passes any norm bound: only a
-replica check sees those.
+replica check sees those. :meth:`Defense.screen_layer` is the one entry a layer step uses; it
+counts what it catches into the metrics and strikes the registry's nodes (see :meth:`bind`).
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ import torch
 from torch import Tensor
 
 from mbt_aggregator.metrics import Metrics
-from mbt_aggregator.registry import BranchKey, Node, QuarantinePolicy, Registry
+from mbt_aggregator.registry import Node, QuarantinePolicy, Registry
+from mbt_aggregator.reports import Answer
 from mbt_core.artifacts.calibration import DEFAULT_REJECT_FACTOR, check_outputs
 from mbt_core.artifacts.manifest import NormBound
+from mbt_core.wire.contract import BranchKey
 
 log = logging.getLogger("mbt_aggregator")
 
@@ -136,6 +140,9 @@ class _Checked:
 class Defense:
     """The checks of one gateway: its config, the manifest's bounds and the audit dice."""
 
+    _metrics: Metrics  # set by bind(): where what the checks catch is counted
+    _registry: Registry
+
     def __init__(
         self,
         config: DefenseConfig | None = None,
@@ -153,6 +160,65 @@ class Defense:
     def off(cls) -> Defense:
         """No bounds, no replica checks: only the finiteness check (always on)."""
         return cls(DefenseConfig(bounds=False, replica_check=OFF))
+
+    def bind(self, metrics: Metrics, registry: Registry) -> None:
+        """Where what the checks catch is counted, and whose nodes they strike."""
+        self._metrics, self._registry = metrics, registry
+
+    @property
+    def checks_replicas(self) -> bool:
+        return self.config.replica_check != OFF
+
+    def screen_layer(
+        self, layer: int, k: int, results: Mapping[int, Answer], n: int, like: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """A layer step's answers, screened: every branch's outputs (K, N, C), which rows are
+        present, and which of those the checks refused; ``None, None`` when every branch
+        answered and passed (the healthy step, which then builds no masks). The step has ``n``
+        rows, with the width and dtype of ``like``.
+
+        The one screening the fan-out asks for: what the checks catch is counted and blamed
+        here, and a branch whose replicas disagreed is put on alert. A hedge audited by its
+        late primary comes here too, as a lone pair (its result then only counts)."""
+        single = [b for b, answer in results.items() if not answer.others]
+        if len(single) == k:  # one answer from every branch (no audit, no vote)
+            outputs = torch.stack([results[b].outputs for b in range(k)])
+            single = list(range(k))
+        else:
+            outputs = like.new_zeros((k, n, like.shape[-1]))
+            for b in single:
+                outputs[b] = results[b].outputs
+        # One check for all single answers; only what fails it (or a vote) is screened alone.
+        passed = dict(zip(single, self.passing(layer, single, outputs), strict=True))
+        if len(single) == k and all(passed.values()):
+            return outputs, None, None
+        present = torch.zeros(k, outputs.shape[1], dtype=torch.bool)  # (K, N)
+        refused = torch.zeros_like(present)  # present, failed the checks
+        for b, answer in results.items():
+            if passed.get(b, False):
+                present[b] = True
+                continue
+            screened = self._screen_answer(layer, b, answer)
+            outputs[b] = screened.output
+            present[b] = ~screened.refused
+            refused[b] = screened.refused
+        return outputs, present, refused
+
+    def _screen_answer(self, layer: int, branch: int, answer: Answer) -> Screened:
+        """The checks on one branch's answer(s); counts and blames what they caught (a pair's
+        disagreement, once it tells the liar, too), and puts a branch whose replicas disagreed
+        on alert."""
+        answers = [answer, *answer.others]
+        screened = self.screen((layer, branch), [a.outputs for a in answers])
+        if screened.disagreed:
+            screened = self.odd_one_out(screened, [a.node.node_id for a in answers])
+        if not screened.clean:
+            nodes = [a.node for a in answers]
+            quarantine = self.config.quarantine
+            account(screened, nodes, layer, branch, self._metrics, self._registry, quarantine)
+            if screened.disagreed:
+                self.alert((layer, branch))
+        return screened
 
     def replicas_to_ask(self, live: int, key: BranchKey | None = None) -> int:
         """How many of a branch's ``live`` replicas one layer step asks (1, 2: audit, 3: vote);

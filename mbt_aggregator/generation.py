@@ -1,8 +1,12 @@
 """Generation and scoring through the swarm: the trunk runs here, every layer fans out.
 
-The decoding loop mirrors ``mbt_core.sampling.generate`` step for step (same window rule,
+The decoding loop mirrors ``mbt_core.model.sampling.generate`` step for step (same window rule,
 same token selection, same seeded generator), so with every branch healthy the tokens are
 exactly the in-process model's.
+
+:class:`Gateway` is what the gateway serves, below gRPC: a client's requests checked against
+the limits (an :class:`~mbt_core.errors.InvalidRequest` otherwise), run through the engine,
+timed and counted; the servicer only translates its messages and errors.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -19,10 +23,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mbt_aggregator.engine import MASKED, Engine, LayerReport
+from mbt_aggregator.config import GatewayLimits
+from mbt_aggregator.engine import Engine
+from mbt_aggregator.metrics import Metrics
+from mbt_aggregator.reports import MASKED, LayerReport
 from mbt_aggregator.session import Session
+from mbt_core.errors import InvalidRequest, QuorumNotReached
 from mbt_core.model.sampling import SamplingConfig, fit_window, select_next
+from mbt_core.model.tokenizer import Tokenizer
 
+MAX_LOGPROB_BYTES = 256 << 20  # Score with return_logprobs sends (tokens, vocab) float32
+DEFAULT_NEW_TOKENS = 100
+# What mbt_requests_failed_total counts a failed request as, by its error.
+FAILURE_REASON: dict[type[Exception], str] = {
+    InvalidRequest: "invalid",
+    QuorumNotReached: "quorum",
+}
 _background: set[asyncio.Task[None]] = set()
 T = TypeVar("T")
 
@@ -143,3 +159,108 @@ async def score(engine: Engine, ids: list[int], return_logprobs: bool = False) -
         if return_logprobs:
             rows.append(F.log_softmax(logits.float(), dim=-1))  # (T, V)
     return ScoreResult(total, count, masked, torch.cat(rows) if rows else None)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A client's generation request; ``None`` takes the default (top-k and top-p: none)."""
+
+    prompt: str
+    max_new_tokens: int | None = None
+    temperature: float = SamplingConfig.temperature
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TextEvent:
+    """One generated token with the text it adds (BPE pieces may hold part of a character:
+    the text then comes with a later token) and what each layer's branches did."""
+
+    index: int
+    token: int
+    text: str
+    layers: tuple[LayerReport, ...]
+    seconds: float
+
+
+class Gateway:
+    """Generation and scoring requests, as the gateway serves them to its clients."""
+
+    def __init__(
+        self, engine: Engine, tokenizer: Tokenizer, limits: GatewayLimits, metrics: Metrics
+    ) -> None:
+        self.engine, self.tokenizer, self.limits, self.metrics = engine, tokenizer, limits, metrics
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TextEvent]:
+        """The tokens of ``request``, one event each, timed (first token, every token)."""
+        metrics = self.metrics
+        with self._counted():
+            cfg, prompt = self._checked(request)
+            t0 = time.perf_counter()
+            produced: list[int] = []
+            shown = ""
+            async for event in generate_tokens(self.engine, prompt, cfg):
+                if event.index == 0:
+                    metrics.ttft.observe(time.perf_counter() - t0)
+                metrics.token_latency.observe(event.seconds)
+                metrics.tokens.inc()
+                text = ""
+                if event.token != self.tokenizer.eos_id:
+                    produced.append(event.token)
+                    full = self.tokenizer.decode(produced)
+                    text, shown = full[len(shown) :], full
+                yield TextEvent(event.index, event.token, text, event.layers, event.seconds)
+
+    async def score(self, text: str, return_logprobs: bool = False) -> ScoreResult:
+        """``text`` scored as ``mbt eval`` scores it (see :func:`score`)."""
+        with self._counted():
+            ids = self.tokenizer.encode(text)
+            limit = self.limits.max_score_tokens
+            if len(ids) < 2 or len(ids) > limit:
+                raise InvalidRequest(f"text must encode to 2..{limit} tokens, got {len(ids)}")
+            vocab = self.engine.trunk.cfg.vocab_size
+            if return_logprobs and (len(ids) - 1) * vocab * 4 > MAX_LOGPROB_BYTES:
+                raise InvalidRequest(
+                    f"log-probabilities of {len(ids) - 1} positions x {vocab} tokens exceed "
+                    f"{MAX_LOGPROB_BYTES >> 20} MiB: score a shorter text"
+                )
+            return await score(self.engine, ids, return_logprobs)
+
+    def _checked(self, request: GenerateRequest) -> tuple[SamplingConfig, list[int]]:
+        """The sampling settings and prompt tokens of ``request``, within the limits."""
+        limits = self.limits
+        try:
+            wanted = request.max_new_tokens
+            if wanted is not None and wanted > limits.max_new_tokens:
+                raise ValueError(
+                    f"max_new_tokens {wanted} exceeds the limit of {limits.max_new_tokens}"
+                )
+            cfg = SamplingConfig(
+                max_new_tokens=request.max_new_tokens or DEFAULT_NEW_TOKENS,
+                temperature=request.temperature,
+                top_k=request.top_k,
+                top_p=request.top_p,
+                seed=request.seed,
+            )
+            prompt = self.tokenizer.encode(request.prompt)
+        except ValueError as exc:  # the sampling settings' own checks, too
+            raise InvalidRequest(str(exc)) from exc
+        if not prompt:
+            raise InvalidRequest("the prompt is empty")
+        if len(prompt) > limits.max_prompt_tokens:
+            raise InvalidRequest(
+                f"prompt of {len(prompt)} tokens exceeds the limit of {limits.max_prompt_tokens}"
+            )
+        return cfg, prompt
+
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        """Count a request that fails for a reason clients are told (limits, quorum)."""
+        try:
+            yield
+        except tuple(FAILURE_REASON) as exc:
+            reason = next(FAILURE_REASON[c] for c in type(exc).__mro__ if c in FAILURE_REASON)
+            self.metrics.requests_failed.labels(reason=reason).inc()
+            raise

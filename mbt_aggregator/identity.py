@@ -4,7 +4,7 @@ A TXT record or a peer list only says where to look, and ``Describe`` only says 
 claims. Before the gateway calls a candidate it opens one TLS handshake of its own: the
 cluster CA verifies the chain, the handshake proves the private key, and the SHA-256 of the
 certificate's public key is the node id, whatever anyone claims. The gRPC channel then pins
-that id by name (``grpc.ssl_target_name_override``, :func:`mbt_core.certs.node_id_hostname`),
+that id by name (``grpc.ssl_target_name_override``, :func:`mbt_core.trust.certs.node_id_hostname`),
 so the handshake of every later connection fails unless the same key answers.
 """
 

@@ -34,14 +34,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import grpc
 import torch
 
 from mbt_aggregator.admission import Expectation, Rejected, admit
-from mbt_aggregator.client import NodeCallError
 from mbt_aggregator.identity import ClusterTls
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.registry import Node, Registry
+from mbt_core.errors import NodeCallError, NodeUnavailable
 
 log = logging.getLogger("mbt_aggregator")
 REPEAT_LOG_S = 60.0  # a candidate that keeps failing is logged again at most this often
@@ -310,7 +309,7 @@ class Membership:
             return
         try:
             if not await node.client.serving(self.admit_timeout_s):
-                raise NodeCallError(node.address, grpc.StatusCode.UNAVAILABLE, "not serving")
+                raise NodeUnavailable(node.address, "not serving")
             info = await node.client.describe(timeout_s=self.admit_timeout_s)
         except NodeCallError as exc:
             failures = self._health_failures.get(node.node_id, 0) + 1
@@ -318,7 +317,7 @@ class Membership:
             if failures >= self.max_failures:
                 self._keep_home(node)
                 await self._drop(
-                    node, f"{failures} failed health checks ({exc.code.name})", logging.WARNING
+                    node, f"{failures} failed health checks ({exc.status})", logging.WARNING
                 )
             return
         if info.node_id != node.node_id or info.manifest_sha256 != self.expect.manifest_sha256:

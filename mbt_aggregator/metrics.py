@@ -6,7 +6,7 @@ reason), never a session id.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -166,6 +166,11 @@ class Metrics:
             ["layer", "name"],
             registry=r,
         )
+
+    def watch(self, quarantined: Callable[[], int], unended: Callable[[], int]) -> None:
+        """The gauges read at each scrape: nodes in quarantine, sessions not ended yet."""
+        self.quarantined_nodes.set_function(quarantined)
+        self.unended_sessions.set_function(unended)
 
     def branch_call(
         self, layer: int, branch: int, node_id: str, outcome: str, seconds: float | None = None

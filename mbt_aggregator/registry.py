@@ -21,8 +21,8 @@ import torch
 
 from mbt_aggregator.client import NodeClient
 from mbt_aggregator.fit import CallLimits
+from mbt_core.wire.contract import BranchKey
 
-BranchKey = tuple[int, int]
 _WINDOW = 64  # latencies kept per node for the p95 used as hedge delay
 
 

@@ -30,6 +30,7 @@ from mbt_aggregator.browse import MdnsBrowser
 from mbt_aggregator.config import AggregatorConfig
 from mbt_aggregator.defense import Defense
 from mbt_aggregator.engine import Engine
+from mbt_aggregator.generation import Gateway
 from mbt_aggregator.identity import ClusterTls
 from mbt_aggregator.membership import Membership
 from mbt_aggregator.metrics import Metrics
@@ -68,10 +69,11 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
     metrics = Metrics(CollectorRegistry())
     registry = Registry()
     defense = Defense(cfg.defense, manifest.norm_bounds())
-    engine = Engine(trunk, registry, cfg.policy, cfg.aggregation, metrics, cfg.batching, defense)
-    for layer, alpha in enumerate(engine.alphas):
-        for name, value in weight_stats(alpha).items():
-            metrics.width.labels(layer=str(layer), name=name).set(value)
+    engine = Engine(trunk, registry, cfg.policy, cfg.aggregation, metrics, cfg.gather, defense)
+    with torch.no_grad():
+        for layer, block in enumerate(trunk.layers):
+            for name, value in weight_stats(block.weights()).items():
+                metrics.width.labels(layer=str(layer), name=name).set(value)
     membership = Membership(
         registry,
         Expectation.from_manifest(manifest, cfg.allowed_node_ids, roster),
@@ -89,8 +91,9 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
         interceptors=[*guards, MalformedRequests(), per_client],
         maximum_concurrent_rpcs=cfg.limits.max_concurrent_rpcs,
     )
+    gateway = Gateway(engine, trunk_files.tokenizer, cfg.limits, metrics)
     gw_grpc.add_GatewayServiceServicer_to_server(
-        GatewayServicer(engine, trunk_files.tokenizer, manifest, digest, cfg.limits), server
+        GatewayServicer(gateway, engine, manifest, digest), server
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -149,8 +152,8 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
 
 async def _replica_gauges(engine: Engine, metrics: Metrics) -> None:
     while True:
-        for layer, alpha in enumerate(engine.alphas):
-            for b in range(alpha.numel()):
-                live = engine.registry.live_replicas((layer, b))
-                metrics.live_replicas.labels(layer=str(layer), branch=str(b)).set(live)
+        for s in engine.status().branches:
+            metrics.live_replicas.labels(layer=str(s.layer), branch=str(s.branch)).set(
+                s.live_replicas
+            )
         await asyncio.sleep(1.0)

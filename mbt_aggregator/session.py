@@ -9,6 +9,9 @@ the node's own idle expiry has long taken over, so that no session is left behin
 Every session carries a random secret: nodes bind the session to it (and to the gateway's
 certificate under TLS), so nobody who learns a session id can write into, roll back or end
 it. Neither the id nor the secret is ever logged.
+
+A session's step on its way through the layers is a :class:`LayerPass`: its hidden state, and
+its logits once the trunk's head ran, are two fields.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from mbt_aggregator.registry import Registry
+from mbt_aggregator.reports import LayerReport
 
 log = logging.getLogger("mbt_aggregator")
 SECRET_BYTES = 16
@@ -70,6 +74,23 @@ class Session:
     nodes: set[str] = field(default_factory=set)
     holds_slot: bool = False  # opened through SessionSlots: ending it frees the slot
     ended: bool = False  # set first when it ends: a late call then sends nothing more
+
+
+@dataclass
+class LayerPass:
+    """One session's step on its way through the layers ``layer..last``: steps of concurrent
+    sessions that wait at the same layer fan out together, and a layer's worker hands each
+    step on to the next layer itself (no wake-up of the session's task between layers)."""
+
+    session: Session
+    start: int
+    hidden: Tensor  # (T, C): the input of ``layer``; after ``last``, its output
+    layer: int
+    last: int
+    head: bool  # end with the trunk's head: ``logits`` is set
+    future: asyncio.Future[LayerPass]  # resolved with this pass, done or failed
+    reports: list[LayerReport] = field(default_factory=list)
+    logits: Tensor | None = None  # (T, V), once the head ran
 
 
 class SessionSlots:

@@ -21,43 +21,15 @@ from mbt_core.errors import (
     SignatureError,
     TokenizerError,
 )
-from mbt_core.model.aggregate import Aggregated, aggregate
-from mbt_core.model.blocks import Branch
-from mbt_core.model.checkpoint import (
-    Checkpoint,
-    default_checkpoint_path,
-    load_checkpoint,
-    save_checkpoint,
-)
-from mbt_core.model.config import AggregationConfig, ModelConfig
-from mbt_core.model.kv import BranchCache
-from mbt_core.model.lm import MBTLanguageModel, MBTLayer, ModelCache, StepInfo
-from mbt_core.model.sampling import SamplingConfig, generate, select_next
-from mbt_core.model.tokenizer import Tokenizer
+from mbt_core.model import *  # noqa: F403  (the model API is this package's face)
+from mbt_core.model import __all__ as _MODEL_API
 
 __all__ = [
-    "Aggregated",
-    "AggregationConfig",
+    *_MODEL_API,
     "ArtifactError",
-    "Branch",
-    "BranchCache",
-    "Checkpoint",
     "CheckpointError",
-    "MBTLanguageModel",
-    "MBTLayer",
     "MbtError",
-    "ModelCache",
-    "ModelConfig",
     "NoBranchAvailable",
-    "SamplingConfig",
     "SignatureError",
-    "StepInfo",
-    "Tokenizer",
     "TokenizerError",
-    "aggregate",
-    "default_checkpoint_path",
-    "generate",
-    "load_checkpoint",
-    "save_checkpoint",
-    "select_next",
 ]

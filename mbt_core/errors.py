@@ -16,6 +16,16 @@
     │   ├── LimitExceeded    a node limit or a caller's quota is full (``limit`` names it)
     │   ├── NotSessionOwner  the session belongs to another caller
     │   └── SessionEnded     the session was ended; a late step may not open it again
+    ├── NodeCallError        a call to a node failed, as the gateway's client saw it (one table
+    │   │                    in ``mbt_aggregator.client`` maps gRPC codes to these kinds)
+    │   ├── NodeUnavailable  unreachable, not serving, or the stream broke
+    │   ├── NodeTimeout      no reply within the deadline
+    │   ├── NodeOverloaded   the node's limits or the caller's quota are full
+    │   ├── NodeFailed       the node failed the call (internal error, cancelled)
+    │   └── NodeRefused      the node refused this request (the node itself may be fine)
+    │       ├── CacheGap     its cache holds ``length`` positions (also a ``CacheBehind``)
+    │       └── SessionGone  not sent: the generation ended (also a ``SessionEnded``)
+    ├── InvalidRequest       a client's request breaks the gateway's limits or is malformed
     ├── NoBranchAvailable    every branch of a layer was masked or rejected
     └── QuorumNotReached     fewer branches answered than the fan-out policy requires
 
@@ -101,3 +111,77 @@ class NotSessionOwner(SessionRefused):
 
 class SessionEnded(SessionRefused):
     """The session was ended by its owner; a late step must not open it again."""
+
+
+class NodeCallError(MbtError):
+    """A call to a node failed. ``status`` is the wire's name for what happened, kept for
+    messages and metrics; code branches on the kind (the class), never on that name."""
+
+    status = "UNKNOWN"
+
+    def __init__(self, address: str, details: str, status: str | None = None) -> None:
+        self.status = status or type(self).status
+        # Not super(): a kind that is also a SessionRefused kind (CacheGap) has a base whose
+        # __init__ takes other arguments; the message is set here for every kind alike.
+        MbtError.__init__(self, f"{address}: {self.status}: {details}")
+        self.address = address
+        self.details = details
+
+
+class NodeUnavailable(NodeCallError):
+    """The node cannot be reached, is not serving, or its stream broke."""
+
+    status = "UNAVAILABLE"
+
+
+class NodeTimeout(NodeCallError):
+    """No reply within the deadline: the policy's time for this call is spent."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
+class NodeOverloaded(NodeCallError):
+    """The node's limits or this caller's quota on it are full."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class NodeFailed(NodeCallError):
+    """The node failed the call itself (an internal error, a cancelled call)."""
+
+    status = "INTERNAL"
+
+
+class NodeRefused(NodeCallError):
+    """The node refused this request; that says nothing against the node itself."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class CacheGap(NodeRefused, CacheBehind):
+    """The node's cache holds ``length`` positions, fewer than the step assumed: replay from
+    there. The gateway's view of the node's :class:`CacheBehind`."""
+
+    def __init__(self, address: str, details: str, length: int) -> None:
+        super().__init__(address, details)
+        self.length = length
+
+
+class SessionGone(NodeRefused, SessionEnded):
+    """Not sent: the session's generation has ended (a late hedge, failover or replay would
+    open it again on a node that the end has passed already)."""
+
+
+# Failures that say something about the node (down, slow, overloaded, broken): it is benched
+# for a while. A refusal of the request itself says nothing of the kind.
+NODE_TROUBLE: tuple[type[NodeCallError], ...] = (
+    NodeUnavailable,
+    NodeTimeout,
+    NodeOverloaded,
+    NodeFailed,
+)
+
+
+class InvalidRequest(MbtError):
+    """A client's request breaks the gateway's limits or cannot be served as asked (an empty
+    prompt, too many tokens, a bad sampling setting)."""

@@ -1,6 +1,6 @@
 """Per-branch defenses against Byzantine nodes: bounds, replica votes and audits, quarantine.
 
-Fake nodes run the real branches in process (``tests.unit.aggregator.test_engine.FakeClient``);
+Fake nodes run the real branches in process (``tests.unit.aggregator.fakes.FakeClient``);
 a bad one corrupts its answers as ``mbt-node --unsafe-test-fault`` does.
 """
 
@@ -22,11 +22,12 @@ from mbt_aggregator.defense import (
     Defense,
     DefenseConfig,
 )
-from mbt_aggregator.engine import OK, REJECTED, Engine
+from mbt_aggregator.engine import Engine
 from mbt_aggregator.generation import generate_tokens
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.policy import FanoutPolicy
 from mbt_aggregator.registry import Node, QuarantinePolicy, Registry
+from mbt_aggregator.reports import OK, REJECTED
 from mbt_aggregator.session import Session
 from mbt_core.artifacts.calibration import branch_norm_bounds
 from mbt_core.artifacts.manifest import NormBound
@@ -34,7 +35,7 @@ from mbt_core.model.config import AggregationConfig
 from mbt_core.model.lm import MBTLanguageModel
 from mbt_core.model.sampling import SamplingConfig, generate
 from mbt_node.faults import CorruptionFault
-from tests.unit.aggregator.test_engine import FakeClient, _all
+from tests.unit.aggregator.fakes import FakeClient, all_branches
 
 BAD = (1, 1)  # the branch the Byzantine node serves in most tests
 
@@ -81,7 +82,7 @@ def _engine(
 
 
 def _healthy_but(model: MBTLanguageModel, key: tuple[int, int]) -> list[tuple[int, int]]:
-    return [k for k in _all(model) if k != key]
+    return [k for k in all_branches(model) if k != key]
 
 
 def _reference(model: MBTLanguageModel, layer: int, h: torch.Tensor, mask=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -100,7 +101,7 @@ def _hidden(model: MBTLanguageModel, layer: int, n: int) -> torch.Tensor:
 
 
 def _sample(engine: Engine, name: str, **labels: str) -> float:
-    return engine.metrics.registry.get_sample_value(name, labels) or 0.0
+    return engine.fanout.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def _greedy(engine: Engine, model: MBTLanguageModel, n: int = 12) -> tuple[list[int], list[int]]:
@@ -113,7 +114,9 @@ def _greedy(engine: Engine, model: MBTLanguageModel, n: int = 12) -> tuple[list[
 
 
 def test_healthy_generation_with_bounds_is_bit_exact(tiny_model, bounds) -> None:  # type: ignore[no-untyped-def]
-    engine, _ = _engine(tiny_model, {"a": _all(tiny_model)}, Defense(DefenseConfig(), bounds))
+    engine, _ = _engine(
+        tiny_model, {"a": all_branches(tiny_model)}, Defense(DefenseConfig(), bounds)
+    )
     got, want = _greedy(engine, tiny_model)
     assert got == want
     assert engine.defense.norm_factor(1, 3, 8.0) is None  # every branch bounded
@@ -196,7 +199,11 @@ def test_without_bounds_nan_is_still_refused_and_the_norm_factor_applies() -> No
 @pytest.mark.parametrize("mode", ["nan", "huge", "flip", "random"])
 def test_three_replica_median_outvotes_one_bad_replica(tiny_model, bounds, mode) -> None:  # type: ignore[no-untyped-def]
     # The bad replica is asked first: its answer is the one the others must overrule.
-    layout = {"bad": _all(tiny_model), "r1": _all(tiny_model), "r2": _all(tiny_model)}
+    layout = {
+        "bad": all_branches(tiny_model),
+        "r1": all_branches(tiny_model),
+        "r2": all_branches(tiny_model),
+    }
     defense = Defense(DefenseConfig(replica_check=MEDIAN), bounds)
     engine, clients = _engine(tiny_model, layout, defense, {"bad": _fault(mode)})
     h = _hidden(tiny_model, 1, 5)
@@ -211,7 +218,7 @@ def test_three_replica_median_outvotes_one_bad_replica(tiny_model, bounds, mode)
 
 
 def test_median_of_healthy_replicas_is_bit_exact(tiny_model, bounds) -> None:  # type: ignore[no-untyped-def]
-    layout = {name: _all(tiny_model) for name in ("r1", "r2", "r3")}
+    layout = {name: all_branches(tiny_model) for name in ("r1", "r2", "r3")}
     engine, _ = _engine(tiny_model, layout, Defense(DefenseConfig(replica_check=MEDIAN), bounds))
     got, want = _greedy(engine, tiny_model)
     assert got == want
@@ -221,7 +228,11 @@ def test_the_bad_replica_is_quarantined_and_returns_on_probation(tiny_model, bou
     now = [0.0]
     policy = QuarantinePolicy(strikes=2, window_s=10, period_s=5, probation_s=20)
     defense = Defense(DefenseConfig(replica_check=MEDIAN, quarantine=policy), bounds)
-    layout = {"r1": _all(tiny_model), "r2": _all(tiny_model), "bad": _all(tiny_model)}
+    layout = {
+        "r1": all_branches(tiny_model),
+        "r2": all_branches(tiny_model),
+        "bad": all_branches(tiny_model),
+    }
     engine, clients = _engine(
         tiny_model, layout, defense, {"bad": _fault("flip")}, clock=lambda: now[0]
     )
@@ -270,7 +281,7 @@ def test_quarantine_policy_counts_strikes_within_the_window() -> None:
 
 
 def test_two_replica_audit_counts_a_disagreement_for_both(tiny_model, bounds) -> None:  # type: ignore[no-untyped-def]
-    layout = {"good": _all(tiny_model), "bad": [BAD]}
+    layout = {"good": all_branches(tiny_model), "bad": [BAD]}
     for slower in ("good", "bad"):  # whichever replica is asked first
         defense = Defense(DefenseConfig(replica_check=AUDIT, audit_rate=1.0), bounds)
         engine, _ = _engine(tiny_model, layout, defense, {"bad": _fault("flip")})
@@ -287,7 +298,7 @@ def test_two_replica_audit_counts_a_disagreement_for_both(tiny_model, bounds) ->
 
 
 def test_an_audit_lets_the_bounds_decide_where_they_can(tiny_model, bounds) -> None:  # type: ignore[no-untyped-def]
-    layout = {"good": _all(tiny_model), "bad": [BAD]}
+    layout = {"good": all_branches(tiny_model), "bad": [BAD]}
     defense = Defense(DefenseConfig(replica_check=AUDIT, audit_rate=1.0), bounds)
     engine, _ = _engine(tiny_model, layout, defense, {"bad": _fault("nan")})
     h = _hidden(tiny_model, 1, 3)
@@ -300,14 +311,14 @@ def test_an_audit_lets_the_bounds_decide_where_they_can(tiny_model, bounds) -> N
 
 
 def test_an_audited_replica_behind_on_the_session_is_replayed(tiny_model, bounds) -> None:  # type: ignore[no-untyped-def]
-    layout = {"a": _all(tiny_model), "b": _all(tiny_model)}
+    layout = {"a": all_branches(tiny_model), "b": all_branches(tiny_model)}
     defense = Defense(DefenseConfig(replica_check=AUDIT, audit_rate=0.3, audit_seed=3), bounds)
     engine, _ = _engine(tiny_model, layout, defense)
     got, want = _greedy(engine, tiny_model, 16)
     assert got == want
     audits = sum(
         _sample(engine, "mbt_replica_audits_total", layer=str(li), branch=str(b))
-        for li, b in _all(tiny_model)
+        for li, b in all_branches(tiny_model)
     )
     assert audits > 0
     assert sum(_sample(engine, "mbt_cache_replays_total", node=n) for n in "ab") > 0

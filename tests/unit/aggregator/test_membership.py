@@ -11,17 +11,16 @@ import asyncio
 import socket
 from typing import Any
 
-import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
 import mbt_aggregator.membership as membership_module
 from mbt_aggregator.admission import Expectation, Rejected
-from mbt_aggregator.client import NodeCallError
 from mbt_aggregator.membership import Membership
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.registry import Node, Registry
-from mbt_core.wire.protocol.mbt.v1 import branch_pb2 as pb
+from mbt_core.errors import NodeUnavailable
+from mbt_core.wire.contract import NodeInfo, NodeLimits
 
 DIGEST = "d" * 64
 
@@ -36,10 +35,22 @@ class Answering:
     async def serving(self, timeout_s: float) -> bool:
         return self.up
 
-    async def describe(self, timeout_s: float) -> pb.DescribeResponse:
+    async def describe(self, timeout_s: float) -> NodeInfo:
         if not self.up:
-            raise NodeCallError("x", grpc.StatusCode.UNAVAILABLE, "down")
-        return pb.DescribeResponse(node_id=self.node_id, manifest_sha256=self.digest)
+            raise NodeUnavailable("x", "down")
+        return NodeInfo(
+            node_id=self.node_id,
+            model_id="m",
+            model_version=1,
+            manifest_sha256=self.digest,
+            branches=(),
+            device="cpu",
+            dtype=0,
+            protocol_version=0,
+            limits=NodeLimits(),
+            d_model=8,
+            context_length=0,
+        )
 
     async def close(self) -> None:
         self.closed = True

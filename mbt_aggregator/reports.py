@@ -1,0 +1,155 @@
+"""Branch answers, and what every branch of a layer did for each session step.
+
+A layer step's reports are built once per outcome pattern (the steps of a batch usually share
+one), counted in the metrics here, in one place, and handed back with each step's output.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from torch import Tensor
+
+from mbt_aggregator.metrics import Metrics
+from mbt_aggregator.policy import Collected
+from mbt_aggregator.registry import Node
+from mbt_core.errors import QuorumNotReached
+from mbt_core.model.aggregate import Aggregated
+
+OK, MASKED, REJECTED = "ok", "masked", "rejected"
+Pattern = tuple[tuple[bool, ...], tuple[bool, ...]]  # per branch: accepted, rejected
+
+
+class BranchReport(NamedTuple):  # records, built per branch per layer step: tuples
+    branch: int
+    outcome: str  # OK, MASKED or REJECTED
+    node_id: str
+    hedged: bool
+    latency_s: float
+
+
+class LayerReport(NamedTuple):
+    layer: int
+    branches: tuple[BranchReport, ...]
+    latency_s: float
+    lost_weight: float
+
+
+StepResult = tuple[Tensor, LayerReport] | BaseException  # a step's output rows, or its failure
+
+
+@dataclass
+class Answer:
+    """One branch's answer to a layer step, as the fan-out got it and the defense screens it."""
+
+    outputs: Tensor  # every step of the batch, packed (N, C)
+    node: Node
+    seconds: float
+    others: tuple[Answer, ...] = ()  # the other replicas asked with it (an audit or a vote)
+
+
+def _per_step(mask: Tensor, rows: list[int], reduce: Callable[..., bool]) -> list[tuple[bool, ...]]:
+    """Per session step, per branch: ``reduce`` (all/any) of ``mask`` (K, positions) over the
+    step's positions. Decode steps are one position each: one conversion serves them all."""
+    if all(n == 1 for n in rows):
+        return [tuple(r) for r in mask.T.tolist()]
+    out, offset = [], 0
+    for n in rows:
+        out.append(tuple(reduce(col) for col in mask[:, offset : offset + n].tolist()))
+        offset += n
+    return out
+
+
+class Reports:
+    """Builds a layer step's reports and counts them: masked and rejected branches, hedges,
+    quorum failures, the step's latency and lost weight."""
+
+    def __init__(self, metrics: Metrics, min_branches: int, weights: list[dict[int, float]]):
+        self.metrics = metrics
+        self._min_branches = min_branches
+        self._weights = weights
+
+    def quorum_failed(self, layer: int, steps: int = 1) -> None:
+        self.metrics.quorum_failures.labels(layer=str(layer)).inc(steps)
+
+    def results(
+        self,
+        layer: int,
+        got: Collected[int, Answer],
+        fused: Aggregated,
+        refused: Tensor | None,
+        rows: list[int],
+        elapsed: float,
+    ) -> list[StepResult]:
+        """Each step's output rows and report, or the quorum failure of its pattern."""
+        k = len(self._weights[layer])
+        for b in got.hedged:
+            self.metrics.hedges.labels(layer=str(layer), branch=str(b)).inc()
+        patterns: list[Pattern]
+        if fused.complete:  # every branch answered and passed for every step
+            patterns = [((True,) * k, (False,) * k)] * len(rows)
+        else:
+            rejected = fused.rejected if refused is None else fused.rejected | refused
+            patterns = list(
+                zip(
+                    _per_step(fused.accepted, rows, all),
+                    _per_step(rejected, rows, any),
+                    strict=True,
+                )
+            )
+        made = {p: self._report(layer, got, p, elapsed, n) for p, n in Counter(patterns).items()}
+        lost = [r.lost_weight for r in made.values() if isinstance(r, LayerReport)]
+        self.metrics.layer_step(layer, elapsed, max(lost, default=1.0), len(rows))
+        results: list[StepResult] = []
+        offset = 0
+        for n, pattern in zip(rows, patterns, strict=True):
+            report = made[pattern]
+            if isinstance(report, LayerReport):
+                results.append((fused.output[offset : offset + n], report))
+            else:
+                results.append(report)
+            offset += n
+        return results
+
+    def _report(
+        self,
+        layer: int,
+        got: Collected[int, Answer],
+        pattern: Pattern,
+        elapsed: float,
+        steps: int,
+    ) -> LayerReport | QuorumNotReached:
+        """What every branch did for ``steps`` session steps that share one outcome pattern."""
+        accepted, rejected = pattern
+        usable = sum(accepted)
+        if usable < self._min_branches:
+            self.quorum_failed(layer, steps)
+            return QuorumNotReached(
+                f"layer {layer}: {usable} branches usable, the policy needs "
+                f"{self._min_branches} (missing: {sorted(got.missing())})"
+            )
+        reports = []
+        for b, (ok, refused) in enumerate(zip(accepted, rejected, strict=True)):
+            answer = got.results.get(b)
+            outcome = OK if ok else REJECTED if refused else MASKED
+            if outcome != OK:
+                labels = {"layer": str(layer), "branch": str(b), "reason": outcome}
+                self.metrics.masked.labels(**labels).inc(steps)
+            if answer is not None and outcome == REJECTED:
+                for _ in range(steps):
+                    self.metrics.branch_call(layer, b, answer.node.node_id, "rejected")
+            reports.append(
+                BranchReport(
+                    branch=b,
+                    outcome=outcome,
+                    node_id=answer.node.node_id if answer else "",
+                    hedged=b in got.hedged,
+                    latency_s=answer.seconds if answer else got.elapsed_s,
+                )
+            )
+        weights = self._weights[layer]
+        lost = 1.0 - sum(weights[b] for b, ok in enumerate(accepted) if ok)
+        return LayerReport(layer, tuple(reports), elapsed, lost)
