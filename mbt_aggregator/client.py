@@ -88,8 +88,7 @@ class Payload:
     inputs once, not once per node.
     """
 
-    layer: int
-    data: bytes
+    data: bytes  # the layer, the steps and their inputs, serialized
 
     @classmethod
     def of(cls, layer: int, steps: Sequence[SessionStep], inputs: torch.Tensor) -> Payload:
@@ -98,7 +97,7 @@ class Payload:
             for s in steps
         ]
         request = pb.ForwardRequest(layer=layer, steps=wire_steps, inputs=encode(inputs))
-        return cls(layer, request.SerializeToString())
+        return cls(request.SerializeToString())
 
     def request(self, branches: Sequence[int], request_id: int) -> bytes:
         """The serialized ``ForwardRequest`` for one node."""

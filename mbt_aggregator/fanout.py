@@ -79,8 +79,8 @@ class NodeCalls:
     """Forwards to single nodes: a node that missed positions is replayed, a batch beyond what
     a node takes in one call is cut to its limits, and every call's outcome is counted."""
 
-    def __init__(self, registry: Registry, metrics: Metrics, timeout_s: float) -> None:
-        self.registry, self.metrics = registry, metrics
+    def __init__(self, registry: Registry, reports: Reports, timeout_s: float) -> None:
+        self.registry, self.reports = registry, reports
         self._timeout_s = timeout_s
 
     async def call(
@@ -117,14 +117,12 @@ class NodeCalls:
         per-branch call metrics."""
         if error is None:
             node.record_success(seconds)
-            outcome = "ok"
-        else:
-            if isinstance(error, NODE_TROUBLE):
-                self.registry.failed(node)
-            outcome = "timeout" if isinstance(error, NodeTimeout) else "error"
-        timed = seconds if error is None else None
-        for b in branches:
-            self.metrics.branch_call(layer, b, node.node_id, outcome, timed)
+            self.reports.call(layer, branches, node.node_id, "ok", seconds)
+            return
+        if isinstance(error, NODE_TROUBLE):
+            self.registry.failed(node)
+        outcome = "timeout" if isinstance(error, NodeTimeout) else "error"
+        self.reports.call(layer, branches, node.node_id, outcome)
 
     async def _forward(
         self,
@@ -154,7 +152,7 @@ class NodeCalls:
             if start >= part.start:
                 raise refusal
             replay = part.session.history[layer][start : part.start + rows]
-            self.metrics.replays.labels(node=node.node_id[:16]).inc()
+            self.reports.replay(node.node_id)
             try:
                 replayed = await self._send(
                     node, layer, branches, [Part(part.session, start, replay)]
@@ -187,7 +185,7 @@ class NodeCalls:
         if fits(lengths, node.limits.max_steps, positions):
             payload = shared(dtype) if shared is not None else payload_of(layer, parts, dtype)
             outs, _ = await node.client.send(payload, branches, timeout)
-            self.metrics.wire(len(payload.data), outs, dtype)
+            self.reports.sent(len(payload.data), outs, dtype)
             return outs
         pieces: dict[int, list[Tensor]] = {b: [] for b in branches}
         for call in plan_calls(lengths, node.limits.max_steps, positions):
@@ -201,7 +199,7 @@ class NodeCalls:
             ]
             payload = payload_of(layer, chunk, dtype)
             outs, _ = await node.client.send(payload, branches, timeout)
-            self.metrics.wire(len(payload.data), outs, dtype)
+            self.reports.sent(len(payload.data), outs, dtype)
             for b in branches:
                 pieces[b].append(outs[b])
         return {b: torch.cat(pieces[b]) for b in branches}
@@ -277,7 +275,7 @@ class Fanout:
         self._alphas = alphas
         self._weights = [dict(enumerate(alpha.tolist())) for alpha in alphas]
         self._reports = Reports(metrics, policy.min_branches, self._weights)
-        self.node_calls = NodeCalls(registry, metrics, policy.request_timeout_s)
+        self.node_calls = NodeCalls(registry, self._reports, policy.request_timeout_s)
 
     async def step(self, layer: int, parts: list[Part]) -> list[StepResult]:
         """One layer step of ``parts``: each one's output rows and report, or its failure."""
@@ -321,7 +319,7 @@ class Fanout:
             if asked[b] > 1:  # an audit (2) or a vote (3): no hedge, replicas are asked already
                 primary[b] = self._voter(nodes, asked[b], calls, b)
                 if asked[b] == 2:
-                    self.metrics.replica_audits.labels(layer=str(layer), branch=str(b)).inc()
+                    self._reports.audit(layer, b)
                 continue
             # The primary fails over to the other replicas in turn when a call fails outright.
             primary[b] = self._caller(nodes, calls, b)
@@ -354,7 +352,7 @@ class Fanout:
         late = primary.result()
         if late.node is used.node or late.outputs.shape != used.outputs.shape:
             return
-        self.metrics.replica_audits.labels(layer=str(layer), branch=str(branch)).inc()
+        self._reports.audit(layer, branch)
         pair = {branch: replace(used, others=(late,))}  # screened as an audit's pair: counted
         k, rows = len(self._weights[layer]), used.outputs.shape[0]
         self.defense.screen_layer(layer, k, pair, rows, used.outputs)

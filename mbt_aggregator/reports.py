@@ -1,16 +1,19 @@
 """Branch answers, and what every branch of a layer did for each session step.
 
 A layer step's reports are built once per outcome pattern (the steps of a batch usually share
-one), counted in the metrics here, in one place, and handed back with each step's output.
+one), counted in the metrics here, and handed back with each step's output. The fan-out's node
+calls, replays, audits and wire bytes are counted here too: the fan-out and the engine never
+touch a metric themselves (the defense counts its own verdicts).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from mbt_aggregator.metrics import Metrics
@@ -74,6 +77,30 @@ class Reports:
 
     def quorum_failed(self, layer: int, steps: int = 1) -> None:
         self.metrics.quorum_failures.labels(layer=str(layer)).inc(steps)
+
+    def call(
+        self,
+        layer: int,
+        branches: tuple[int, ...],
+        node_id: str,
+        outcome: str,
+        seconds: float | None = None,
+    ) -> None:
+        """One node call for ``branches``: its outcome per branch (timed when it succeeded)."""
+        for b in branches:
+            self.metrics.branch_call(layer, b, node_id, outcome, seconds)
+
+    def sent(self, payload_bytes: int, outputs: Mapping[int, Tensor], dtype: torch.dtype) -> None:
+        """One Forward's bytes on the wire: its request, and its outputs as they travelled."""
+        self.metrics.wire(payload_bytes, outputs, dtype)
+
+    def replay(self, node_id: str) -> None:
+        """A node that missed positions is sent them again."""
+        self.metrics.replays.labels(node=node_id[:16]).inc()
+
+    def audit(self, layer: int, branch: int) -> None:
+        """Two replicas of a branch are compared (an audit, or a hedge's late primary)."""
+        self.metrics.replica_audits.labels(layer=str(layer), branch=str(branch)).inc()
 
     def results(
         self,
