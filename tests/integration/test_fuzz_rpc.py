@@ -317,6 +317,7 @@ def test_a_flood_of_calls_to_a_node_leaves_the_gateway_served(
     release: list[asyncio.Event] = []
     started = threading.Event()
     held: list[grpc.StatusCode] = []
+    slots_taken: list[int] = []
 
     async def flood() -> list[grpc.StatusCode]:
         flood_loop.append(asyncio.get_running_loop())
@@ -353,7 +354,7 @@ def test_a_flood_of_calls_to_a_node_leaves_the_gateway_served(
             loop = asyncio.get_running_loop()
             taken = [loop.create_future() for _ in range(40)]
             holds = [asyncio.ensure_future(hold(1000 + i, t)) for i, t in enumerate(taken)]
-            await asyncio.gather(*taken)  # every slot the gateway leaves is held now
+            slots_taken.append(sum(await asyncio.gather(*taken)))  # all the gateway leaves
             codes = await asyncio.gather(*(one(i) for i in range(200)))
             held.extend(await asyncio.gather(*holds))
             return codes
@@ -378,5 +379,7 @@ def test_a_flood_of_calls_to_a_node_leaves_the_gateway_served(
     # while its first message was still being written as INTERNAL ("Internal error from
     # Core"): a race in the client library, seen on a bare grpc client too.
     refused = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL}
-    assert 0 < held.count(grpc.StatusCode.OK) <= 24 and set(held) <= {grpc.StatusCode.OK} | refused
+    # A stream refused inside the stream (an error reply, then a clean close) ends OK without
+    # having held a slot, so the limit is checked on the slots taken, not on the status codes.
+    assert 0 < slots_taken[0] <= 24 and set(held) <= {grpc.StatusCode.OK} | refused
     assert node.proc.poll() is None

@@ -1,0 +1,224 @@
+"""Width slices of a pretrained decoder's sublayers: the branch kinds an exact import needs.
+
+A pre-norm sublayer adds an update that is a sum over head groups (attention) or neuron groups
+(MLP). Branch i of K holds group i and returns ``z_i = h + K * u_i(h)``; with every alpha 1/K
+the MBT fusion ``sum_i z_i / K = h + sum_i u_i(h)`` is the dense sublayer exactly. Biases that
+the dense sublayer adds once (the output projections') are stored divided by K in every slice,
+so the sum adds them once and a missing branch renormalizes them like the rest.
+
+This module holds the math only; the split of dense weights into slices is :func:`split`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mbt_core.model.rope import RopeConfig, rotary_tables, rotate
+
+NORMS = ("layernorm", "rmsnorm")
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,  # GPT-2's name for the tanh approximation
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "silu": F.silu,
+}
+ACTIVATIONS = tuple(_ACTIVATIONS)
+
+
+class Norm(nn.Module):
+    """LayerNorm (with or without bias) or RMSNorm, each as the checkpoints compute it.
+
+    RMSNorm normalizes in float32 and casts back before the gain, as Llama and Qwen2 do; doing
+    the gain in float32 too would change bfloat16 outputs in the last bit.
+    """
+
+    def __init__(self, d_model: int, kind: str, eps: float, bias: bool) -> None:
+        super().__init__()
+        if kind not in NORMS:
+            raise ValueError(f"norm {kind!r} is not one of {', '.join(NORMS)}")
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.bias = nn.Parameter(torch.zeros(d_model)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "layernorm":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        wide = x.to(torch.float32)
+        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * normed.to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """The heads one attention slice owns: whole KV groups and the query heads that share them."""
+
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    qkv_bias: bool
+    out_bias: bool
+    rope: RopeConfig | None
+
+
+class AttentionSlice(nn.Module):
+    """Grouped-query causal attention over a slice of heads; returns this slice's update."""
+
+    def __init__(self, shape: AttentionShape) -> None:
+        super().__init__()
+        if shape.n_heads % shape.n_kv_heads:
+            raise ValueError(
+                f"{shape.n_heads} query heads do not share {shape.n_kv_heads} KV heads evenly"
+            )
+        self.shape = shape
+        inner, kv_inner = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+        self.q = nn.Linear(shape.d_model, inner, bias=shape.qkv_bias)
+        self.k = nn.Linear(shape.d_model, kv_inner, bias=shape.qkv_bias)
+        self.v = nn.Linear(shape.d_model, kv_inner, bias=shape.qkv_bias)
+        self.o = nn.Linear(inner, shape.d_model, bias=shape.out_bias)
+
+    def forward(
+        self, x: Tensor, positions: Tensor, past: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """``x`` is the normed input ``(B, T, d)``, ``positions`` ``(B, T)``; returns the update
+        and the grown ``(keys, values)`` cache (``(B, kv_heads, past + T, head_dim)``)."""
+        shape, (batch, steps, _) = self.shape, x.shape
+        q = self.q(x).view(batch, steps, shape.n_heads, shape.head_dim).transpose(1, 2)
+        k = self.k(x).view(batch, steps, shape.n_kv_heads, shape.head_dim).transpose(1, 2)
+        v = self.v(x).view(batch, steps, shape.n_kv_heads, shape.head_dim).transpose(1, 2)
+        if shape.rope is not None:
+            cos, sin = rotary_tables(shape.rope, positions, x.dtype)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        group = shape.n_heads // shape.n_kv_heads
+        keys, values = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        total = keys.shape[2]
+        # Query j (absolute index total - steps + j) sees keys 0..that index.
+        allowed = torch.ones(steps, total, dtype=torch.bool, device=x.device).tril(total - steps)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=allowed, scale=1.0 / math.sqrt(shape.head_dim)
+        )
+        update = self.o(out.transpose(1, 2).reshape(batch, steps, -1))
+        return update, (k, v)
+
+
+@dataclass(frozen=True)
+class MLPShape:
+    d_model: int
+    neurons: int
+    activation: str
+    gated: bool
+    bias: bool
+
+
+class MLPSlice(nn.Module):
+    """A slice of neurons: ``down(act(up x))``, or ``down(act(gate x) * up x)`` when gated."""
+
+    def __init__(self, shape: MLPShape) -> None:
+        super().__init__()
+        if shape.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation {shape.activation!r} is not supported")
+        self.shape = shape
+        self.up = nn.Linear(shape.d_model, shape.neurons, bias=shape.bias)
+        self.gate = (
+            nn.Linear(shape.d_model, shape.neurons, bias=shape.bias) if shape.gated else None
+        )
+        self.down = nn.Linear(shape.neurons, shape.d_model, bias=shape.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        act = _ACTIVATIONS[self.shape.activation]
+        hidden = act(self.up(x)) if self.gate is None else act(self.gate(x)) * self.up(x)
+        update: Tensor = self.down(hidden)
+        return update
+
+
+@dataclass(frozen=True)
+class DenseAttention:
+    """A dense attention's weights in ``nn.Linear`` layout (out, in), heads contiguous."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    o: Tensor
+    q_bias: Tensor | None = None
+    k_bias: Tensor | None = None
+    v_bias: Tensor | None = None
+    o_bias: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DenseMLP:
+    up: Tensor
+    down: Tensor
+    gate: Tensor | None = None
+    up_bias: Tensor | None = None
+    gate_bias: Tensor | None = None
+    down_bias: Tensor | None = None
+
+
+def split_attention(dense: DenseAttention, shape: AttentionShape, k: int) -> list[AttentionSlice]:
+    """K slices of whole KV groups; ``shape`` is the dense attention's, each slice gets 1/K."""
+    if shape.n_kv_heads % k:
+        raise ValueError(f"{k} branches do not divide {shape.n_kv_heads} KV head groups")
+    part = AttentionShape(
+        shape.d_model,
+        shape.n_heads // k,
+        shape.n_kv_heads // k,
+        shape.head_dim,
+        shape.qkv_bias,
+        shape.out_bias,
+        shape.rope,
+    )
+    q_rows, kv_rows = part.n_heads * shape.head_dim, part.n_kv_heads * shape.head_dim
+    slices = []
+    for i in range(k):
+        piece = AttentionSlice(part).to(dense.q.dtype)
+        with torch.no_grad():
+            _take(piece.q, dense.q, dense.q_bias, i, q_rows)
+            _take(piece.k, dense.k, dense.k_bias, i, kv_rows)
+            _take(piece.v, dense.v, dense.v_bias, i, kv_rows)
+            piece.o.weight.copy_(dense.o[:, i * q_rows : (i + 1) * q_rows])
+            if piece.o.bias is not None and dense.o_bias is not None:
+                piece.o.bias.copy_(dense.o_bias / k)
+        slices.append(piece)
+    return slices
+
+
+def split_mlp(dense: DenseMLP, shape: MLPShape, k: int) -> list[MLPSlice]:
+    """K slices of contiguous neurons; the down projection's bias is shared out 1/K each."""
+    if shape.neurons % k:
+        raise ValueError(f"{k} branches do not divide {shape.neurons} MLP neurons")
+    rows = shape.neurons // k
+    part = MLPShape(shape.d_model, rows, shape.activation, shape.gated, shape.bias)
+    slices = []
+    for i in range(k):
+        piece = MLPSlice(part).to(dense.up.dtype)
+        with torch.no_grad():
+            _take(piece.up, dense.up, dense.up_bias, i, rows)
+            if piece.gate is not None and dense.gate is not None:
+                _take(piece.gate, dense.gate, dense.gate_bias, i, rows)
+            piece.down.weight.copy_(dense.down[:, i * rows : (i + 1) * rows])
+            if piece.down.bias is not None and dense.down_bias is not None:
+                piece.down.bias.copy_(dense.down_bias / k)
+        slices.append(piece)
+    return slices
+
+
+def _take(linear: nn.Linear, weight: Tensor, bias: Tensor | None, i: int, rows: int) -> None:
+    linear.weight.copy_(weight[i * rows : (i + 1) * rows])
+    if linear.bias is not None and bias is not None:
+        linear.bias.copy_(bias[i * rows : (i + 1) * rows])
