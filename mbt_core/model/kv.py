@@ -68,9 +68,18 @@ class KVSlots:
     batch that reads them, masked, past a shorter session's end can never meet a NaN there.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        kv_heads: tuple[int, int] | None = None,
+    ) -> None:
+        """``kv_heads`` is ``(heads, head_dim)`` of the keys a branch stores when they differ
+        from the config's (a width slice of a grouped-query attention)."""
         self._blocks = cfg.blocks_per_branch
-        self._shape = (cfg.n_heads, cfg.context_length, cfg.d_model // cfg.n_heads)
+        heads, head_dim = kv_heads or (cfg.n_heads, cfg.d_model // cfg.n_heads)
+        self._shape = (heads, cfg.context_length, head_dim)
         self._dtype, self._device = dtype, torch.device(device)
         # (blocks, keys/values, slots, nh, context, hs): a slot is zeroed in one op.
         self.kv = self._zeros(0)
@@ -182,18 +191,36 @@ class UniformKV:
     def __init__(self, cache: BranchCache | None) -> None:
         self.cache = cache
 
+    def positions(self, steps: int, device: torch.device) -> Tensor:
+        """Absolute positions of the new rows, ``(1, T)``: they follow the cached ones."""
+        start = 0 if self.cache is None else self.cache.length
+        return torch.arange(start, start + steps, device=device)[None]
+
     def attend(self, i: int, q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
+        """``k``/``v`` may hold fewer heads than ``q`` (grouped-query attention): the cache
+        stores only those, and each is shared by ``q_heads / kv_heads`` query heads."""
         if self.cache is not None:
-            k, v = self.cache.extend(i, k, v)  # (B, nh, L+T, hs)
+            k, v = self.cache.extend(i, k, v)  # (B, nh_kv, L+T, hs)
+        gqa = _grouped(q, k)
         t, offset = q.shape[2], k.shape[2] - q.shape[2]
         if offset == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa
+            )
         if t == 1:  # one query at the newest position (a decode step): it sees every key
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa)
         # Query i sits at absolute position offset + i and sees keys 0..offset + i.
         rows = torch.arange(t, device=q.device)[:, None] + offset
         allowed = torch.arange(offset + t, device=q.device)[None, :] <= rows  # (T, L+T)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=dropout, enable_gqa=gqa
+        )
+
+
+def _grouped(q: Tensor, k: Tensor) -> bool:
+    """Whether keys are shared by groups of query heads (``enable_gqa``); False, the default,
+    where the counts are equal keeps the kernel every trained model runs."""
+    return q.shape[1] != k.shape[1]
 
 
 class RaggedKV:
@@ -210,7 +237,7 @@ class RaggedKV:
         cached = [c.length for c in caches]
         t_max = max(lengths)
         self.key_count = max(c + t for c, t in zip(cached, lengths, strict=True))
-        starts = torch.tensor(cached, device=device)
+        starts = self.starts = torch.tensor(cached, device=device)
         keys = torch.arange(self.key_count, device=device)  # (S,)
         if t_max == 1:  # decode steps: the one query of a session sees its keys up to its own
             self.mask = (keys[None, :] <= starts[:, None])[:, None, None]  # (B, 1, 1, S)
@@ -238,6 +265,11 @@ class RaggedKV:
                 self.row_slot = self.slot_index[session]
                 self.row_position = starts[session] + offset
 
+    def positions(self, steps: int, device: torch.device) -> Tensor:
+        """Absolute positions of each session's new rows, ``(B, T)`` (padding rows included:
+        they are computed and thrown away)."""
+        return self.starts.to(device)[:, None] + torch.arange(steps, device=device)[None, :]
+
     def attend(self, i: int, q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
         if self.slots is not None:
             return self._attend_slots(i, q, k, v, dropout)
@@ -249,7 +281,7 @@ class RaggedKV:
         k_pad = pad_sequence(ks, batch_first=True).permute(0, 2, 1, 3)  # (B, nh, S, hs)
         v_pad = pad_sequence(vs, batch_first=True).permute(0, 2, 1, 3)
         return F.scaled_dot_product_attention(
-            q, k_pad, v_pad, attn_mask=self.mask, dropout_p=dropout
+            q, k_pad, v_pad, attn_mask=self.mask, dropout_p=dropout, enable_gqa=_grouped(q, k_pad)
         )
 
     def _attend_slots(self, i: int, q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
@@ -267,7 +299,7 @@ class RaggedKV:
         k_all = buf_k[:, :, :n].index_select(0, self.slot_index)  # (B, nh, S, hs)
         v_all = buf_v[:, :, :n].index_select(0, self.slot_index)
         return F.scaled_dot_product_attention(
-            q, k_all, v_all, attn_mask=self.mask, dropout_p=dropout
+            q, k_all, v_all, attn_mask=self.mask, dropout_p=dropout, enable_gqa=_grouped(q, k_all)
         )
 
 

@@ -11,7 +11,6 @@ This module holds the math only; the split of dense weights into slices is :func
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mbt_core.model.kv import KVView
 from mbt_core.model.rope import RopeConfig, rotary_tables, rotate
 
 NORMS = ("layernorm", "rmsnorm")
@@ -90,30 +90,19 @@ class AttentionSlice(nn.Module):
         self.v = nn.Linear(shape.d_model, kv_inner, bias=shape.qkv_bias)
         self.o = nn.Linear(inner, shape.d_model, bias=shape.out_bias)
 
-    def forward(
-        self, x: Tensor, positions: Tensor, past: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """``x`` is the normed input ``(B, T, d)``, ``positions`` ``(B, T)``; returns the update
-        and the grown ``(keys, values)`` cache (``(B, kv_heads, past + T, head_dim)``)."""
+    def forward(self, x: Tensor, kv: KVView, index: int = 0) -> Tensor:
+        """``x`` is the normed input ``(B, T, d)``; ``kv`` gives the rows' positions and holds
+        the keys (only this slice's KV heads, rotated) under block ``index``."""
         shape, (batch, steps, _) = self.shape, x.shape
         q = self.q(x).view(batch, steps, shape.n_heads, shape.head_dim).transpose(1, 2)
         k = self.k(x).view(batch, steps, shape.n_kv_heads, shape.head_dim).transpose(1, 2)
         v = self.v(x).view(batch, steps, shape.n_kv_heads, shape.head_dim).transpose(1, 2)
         if shape.rope is not None:
-            cos, sin = rotary_tables(shape.rope, positions, x.dtype)
+            cos, sin = rotary_tables(shape.rope, kv.positions(steps, x.device), x.dtype)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if past is not None:
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        group = shape.n_heads // shape.n_kv_heads
-        keys, values = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        total = keys.shape[2]
-        # Query j (absolute index total - steps + j) sees keys 0..that index.
-        allowed = torch.ones(steps, total, dtype=torch.bool, device=x.device).tril(total - steps)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=allowed, scale=1.0 / math.sqrt(shape.head_dim)
-        )
-        update = self.o(out.transpose(1, 2).reshape(batch, steps, -1))
-        return update, (k, v)
+        out = kv.attend(index, q, k, v, 0.0)
+        update: Tensor = self.o(out.transpose(1, 2).reshape(batch, steps, -1))
+        return update
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,12 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from mbt_core.model.config import ModelConfig
 from mbt_core.model.hf_config import DecoderSpec, spec_from_config
+from mbt_core.model.kv import BranchCache, KVSlots, RaggedKV, UniformKV
 from mbt_core.model.slices import (
     AttentionShape,
+    AttentionSlice,
     DenseAttention,
     DenseMLP,
     MLPShape,
@@ -66,6 +69,13 @@ def _fuse(h: torch.Tensor, updates: list[torch.Tensor], k: int | None = None) ->
     return torch.stack([h + k * u for u in updates]).mean(0)
 
 
+def _attend(piece: AttentionSlice, x: torch.Tensor, cache: BranchCache) -> torch.Tensor:
+    """One slice over its own cache, advanced once the step succeeded (as a branch does)."""
+    update = piece(x, UniformKV(cache))
+    cache.length += x.shape[1]
+    return update
+
+
 class SlicedSequential:
     """Sequential blocks: an attention MBT layer, then an MLP MBT layer."""
 
@@ -83,7 +93,9 @@ class SlicedSequential:
                 )
             )
         self.final = _norm(spec, final)
-        self.cache: list[list] = [[None] * k for _ in self.layers]
+        self.cache = [
+            [BranchCache(keys=[None], values=[None]) for _ in range(k)] for _ in self.layers
+        ]
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
@@ -93,8 +105,7 @@ class SlicedSequential:
         for n, (ln1, attention, ln2, mlp) in enumerate(self.layers):
             x, updates = ln1(h), []
             for i, piece in enumerate(attention):
-                u, self.cache[n][i] = piece(x, positions, self.cache[n][i])
-                updates.append(u)
+                updates.append(_attend(piece, x, self.cache[n][i]))
             h = _fuse(h, updates)
             x = ln2(h)
             h = _fuse(h, [piece(x) for piece in mlp])
@@ -183,15 +194,16 @@ class SlicedNeoX:
                 )
             )
         self.final = _norm(spec, model.gpt_neox.final_layer_norm)
-        self.cache: list[list] = [[None] * k for _ in self.layers]
+        self.cache = [
+            [BranchCache(keys=[None], values=[None]) for _ in range(k)] for _ in self.layers
+        ]
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.model.gpt_neox.embed_in(ids)
         for n, (ln1, attention, ln2, mlp) in enumerate(self.layers):
             x1, x2, updates = ln1(h), ln2(h), []
             for i, (a, m) in enumerate(zip(attention, mlp, strict=True)):
-                u, self.cache[n][i] = a(x1, positions, self.cache[n][i])
-                updates.append(u + m(x2))
+                updates.append(_attend(a, x1, self.cache[n][i]) + m(x2))
             h = _fuse(h, updates)
         return self.model.get_output_embeddings()(self.final(h))
 
@@ -305,3 +317,49 @@ def test_a_missing_branch_renormalizes_the_others() -> None:
         assert torch.allclose(dense, h + m(h), atol=1e-5)
         assert torch.allclose(degraded, h + sum(updates[1:]) * 4 / 3, atol=1e-5)
         assert torch.isfinite(degraded).all() and not torch.allclose(degraded, dense)
+
+
+def test_a_ragged_batch_of_sessions_in_slots_equals_each_alone() -> None:
+    """A node batches sessions of different lengths through one slot pool: a grouped-query,
+    rotary slice must give each session what it gives that session alone."""
+    torch.manual_seed(5)
+    model = _llama().eval()
+    spec = spec_from_config(model.config.to_dict())
+    attention, _ = _shapes(spec)
+    a = model.model.layers[0].self_attn
+    dense = DenseAttention(
+        a.q_proj.weight,
+        a.k_proj.weight,
+        a.v_proj.weight,
+        a.o_proj.weight,
+        a.q_proj.bias,
+        a.k_proj.bias,
+        a.v_proj.bias,
+        a.o_proj.bias,
+    )
+    piece = split_attention(dense, attention, 2)[1]  # 4 query heads over 2 KV heads
+    cfg = ModelConfig(d_model=64, n_heads=8, context_length=64, n_layers=1, branches=(2,))
+    slots = KVSlots(cfg, torch.float32, "cpu", kv_heads=(2, spec.head_dim))
+    lengths = [5, 2, 7]
+    inputs = [torch.randn(t, 64) for t in lengths]
+    steps = [torch.randn(len(lengths), 1, 64) for _ in range(3)]
+    with torch.no_grad():
+        alone = []
+        for s, x in enumerate(inputs):
+            cache = BranchCache(keys=[None], values=[None])
+            outs = [_attend(piece, x[None], cache)[0]]
+            outs += [_attend(piece, step[s : s + 1], cache)[0] for step in steps]
+            alone.append(torch.cat(outs))
+        caches = [slots.new_cache() for _ in lengths]
+        padded = torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True)
+        first = piece(padded, RaggedKV(caches, lengths, torch.device("cpu")))
+        for cache, t in zip(caches, lengths, strict=True):
+            cache.length += t
+        batched = [[first[s, :t]] for s, t in enumerate(lengths)]
+        for step in steps:  # decode steps: one position each, all sessions at once
+            out = piece(step, RaggedKV(caches, [1] * len(lengths), torch.device("cpu")))
+            for s, cache in enumerate(caches):
+                cache.length += 1
+                batched[s].append(out[s])
+    for s in range(len(lengths)):
+        assert torch.allclose(torch.cat(batched[s]), alone[s], atol=1e-5), s
