@@ -112,21 +112,18 @@ class SlicedSequential:
         return self.model.get_output_embeddings()(self.final(h))
 
 
+def _llama_attention(a: torch.nn.Module) -> DenseAttention:
+    """Llama and Qwen2 attention modules already hold Linear-layout q/k/v/o projections."""
+    linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj)
+    return DenseAttention(*(p.weight for p in linears), *(p.bias for p in linears))
+
+
 class SlicedLlama(SlicedSequential):
     def __init__(self, model: LlamaForCausalLM, k: int) -> None:
         blocks = []
         for block in model.model.layers:
             a, m = block.self_attn, block.mlp
-            dense_a = DenseAttention(
-                a.q_proj.weight,
-                a.k_proj.weight,
-                a.v_proj.weight,
-                a.o_proj.weight,
-                a.q_proj.bias,
-                a.k_proj.bias,
-                a.v_proj.bias,
-                a.o_proj.bias,
-            )
+            dense_a = _llama_attention(a)
             dense_m = DenseMLP(m.up_proj.weight, m.down_proj.weight, m.gate_proj.weight)
             blocks.append((block.input_layernorm, dense_a, block.post_attention_layernorm, dense_m))
         super().__init__(model, blocks, model.model.norm, k)
@@ -327,16 +324,7 @@ def test_a_ragged_batch_of_sessions_in_slots_equals_each_alone() -> None:
     spec = spec_from_config(model.config.to_dict())
     attention, _ = _shapes(spec)
     a = model.model.layers[0].self_attn
-    dense = DenseAttention(
-        a.q_proj.weight,
-        a.k_proj.weight,
-        a.v_proj.weight,
-        a.o_proj.weight,
-        a.q_proj.bias,
-        a.k_proj.bias,
-        a.v_proj.bias,
-        a.o_proj.bias,
-    )
+    dense = _llama_attention(a)
     piece = split_attention(dense, attention, 2)[1]  # 4 query heads over 2 KV heads
     cfg = ModelConfig(d_model=64, n_heads=8, context_length=64, n_layers=1, branches=(2,))
     slots = KVSlots(cfg, torch.float32, "cpu", kv_heads=(2, spec.head_dim))
