@@ -190,6 +190,14 @@ def _widened(d_model: int, root: Path) -> Path:
 WIRE_TEXT_CHARS = 1200  # the outage bench's excerpt of The Tempest: ~3 context windows
 
 
+def wire_counters(cluster: LocalCluster) -> tuple[float, float, float]:
+    """Layer steps, bytes sent and bytes received so far, from the gateway's metrics."""
+    m = cluster.gateway_metrics()
+    steps = sum(v for (name, _), v in m.items() if name == "mbt_layer_step_seconds_count")
+    sent = m[("mbt_wire_bytes_total", (("direction", "sent"),))]
+    return steps, sent, m[("mbt_wire_bytes_total", (("direction", "received"),))]
+
+
 def _wire(
     cluster: LocalCluster, gateway_args: Sequence[str], dtype: str, tokens: int
 ) -> dict[str, Any]:
@@ -197,17 +205,10 @@ def _wire(
     counters), and the KL of the scored text from the in-process float32 model."""
     cluster.restart_gateway([*gateway_args, "--wire-dtype", dtype])
     cluster.wait_until_complete()
-
-    def counters() -> tuple[float, float, float]:
-        m = cluster.gateway_metrics()
-        steps = sum(v for (name, _), v in m.items() if name == "mbt_layer_step_seconds_count")
-        sent = m[("mbt_wire_bytes_total", (("direction", "sent"),))]
-        return steps, sent, m[("mbt_wire_bytes_total", (("direction", "received"),))]
-
-    before = counters()
+    before = wire_counters(cluster)
     cfg = SamplingConfig(max_new_tokens=tokens, temperature=0, stop_at_eos=False)
     produced = [e.token_id for e in generate_remote(cluster.address, "ROMEO:", cfg)]
-    steps, sent, received = (a - b for a, b in zip(counters(), before, strict=True))
+    steps, sent, received = (a - b for a, b in zip(wire_counters(cluster), before, strict=True))
     ckpt = load_checkpoint(cluster.checkpoint)
     text = perplexity_text(WIRE_TEXT_CHARS)
     reference = window_logprobs(ckpt.model, ckpt.tokenizer.encode(text)).numpy()

@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         "compute dtype, from Describe), or float32, bfloat16, float16 for every node (half the "
         "bytes of float32, at a small cost in accuracy: mbt-aggregator-bench --wire-dtypes)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the trunk runs (embedding, LM head, sampling): cpu or cuda[:N]; layer "
+        "fusion stays on the CPU, next to the network",
+    )
     p.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
     return p
 
@@ -211,6 +217,7 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         tls=tls,
         insecure=args.insecure,
         wire_dtype=args.wire_dtype,
+        device=args.device,
         api_auth=ApiAuth(args.api_auth or ("cert" if tls.enabled else "none"), args.api_token_file),
         policy=policy,
         aggregation=AggregationConfig(mode=args.aggregation, norm_factor=args.norm_factor),

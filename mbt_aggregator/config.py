@@ -9,6 +9,7 @@ from mbt_aggregator.auth import ApiAuth
 from mbt_aggregator.defense import DefenseConfig
 from mbt_aggregator.engine import GatherConfig
 from mbt_aggregator.policy import FanoutPolicy
+from mbt_core.devices import check_device
 from mbt_core.model.config import AggregationConfig
 from mbt_core.trust.config import TlsConfig, TrustConfig, check_transport
 from mbt_core.wire.codec import DTYPES
@@ -53,6 +54,7 @@ class AggregatorConfig:
     insecure: bool = False  # plaintext: only when asked for (secure by default)
     # What layer inputs and branch outputs travel in: auto = each node's own compute dtype.
     wire_dtype: str = "auto"
+    device: str = "cpu"  # where the trunk (embedding, head, sampling) runs
     api_auth: ApiAuth = field(default_factory=ApiAuth)  # who may call the gateway API
     policy: FanoutPolicy = field(default_factory=FanoutPolicy)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
@@ -67,6 +69,7 @@ class AggregatorConfig:
         if self.api_auth.mode == "cert" and not self.tls.enabled:
             raise ValueError("--api-auth cert needs --tls-cert, --tls-key and --tls-ca")
         check_transport(self.tls, self.insecure)
+        check_device(self.device)
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)}")
         if not self.mdns and not self.peers:

@@ -94,6 +94,9 @@ class Engine:
         defense: Defense | None = None,
     ) -> None:
         self.trunk = trunk
+        # The trunk may sit on a GPU; hidden states cross the network, so fusion stays on the
+        # CPU and only the embedding, head and sampling run on the trunk's device.
+        self.device = trunk.tok_emb.weight.device
         self.registry = registry
         self.gather = gather or GatherConfig()
         self.defense = defense or Defense.off()
@@ -103,7 +106,7 @@ class Engine:
         metrics.watch(quarantined=registry.quarantined_count, unended=lambda: self.ender.pending)
         self._policy = repr(policy)
         with torch.no_grad():
-            self._alphas = [layer.weights().detach() for layer in trunk.layers]
+            self._alphas = [layer.weights().detach().cpu() for layer in trunk.layers]
         self.fanout = Fanout(registry, policy, aggregation, self.defense, metrics, self._alphas)
         self._live: dict[str, float] = {}  # session id -> when it last reached a layer
         self._at: dict[str, int] = {}  # session id -> the layer its step waits in
@@ -131,7 +134,7 @@ class Engine:
         """Logits (T, V) of ``ids`` at positions ``start..``: the trunk's embedding, every
         layer across the swarm, the trunk's head; what each layer's branches did."""
         with torch.no_grad():
-            h = self.trunk.embed(torch.tensor([ids]), start)[0]  # (T, C)
+            h = self.trunk.embed(torch.tensor([ids], device=self.device), start)[0].cpu()
         done = await self._run(session, start, h, 0, len(self.trunk.layers) - 1, head=True)
         assert done.logits is not None  # the head ran
         return done.logits, done.reports
@@ -230,11 +233,16 @@ class Engine:
         """The trunk's head on the last hidden states of several steps, (T_i, C) each, at once."""
         with torch.no_grad():
             if len(hidden) == 1:  # as the in-process model computes it, bit for bit
-                return [self.trunk.logits(hidden[0][None])[0]]
+                return [self.trunk.logits(self._to_trunk(hidden[0][None]))[0]]
             if not hidden:
                 return []
-            fused = torch.cat(hidden)[None]
+            fused = self._to_trunk(torch.cat(hidden)[None])
             return list(self.trunk.logits(fused)[0].split([h.shape[0] for h in hidden]))
+
+    def _to_trunk(self, hidden: Tensor) -> Tensor:
+        """Fused (float32, CPU) hidden states as the head takes them: on the trunk's device,
+        rounded to its dtype, as the in-process model rounds each fused layer output."""
+        return hidden.to(self.device, self.trunk.tok_emb.weight.dtype)
 
     def _finish(self, step: LayerPass, error: BaseException | None = None) -> None:
         self._at.pop(step.session.session_id, None)

@@ -114,7 +114,7 @@ async def generate_tokens(
     if not prompt:
         raise ValueError("the prompt encodes to no tokens")
     window = engine.trunk.cfg.context_length
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=engine.device).manual_seed(cfg.seed)
     tokens = list(prompt[-window:])
     pending = tokens
     session, position = await engine.open_session(), 0
@@ -152,12 +152,12 @@ async def score(engine: Engine, ids: list[int], return_logprobs: bool = False) -
             logits, reports = await forward_layers(engine, session, chunk[:-1], 0)
         finally:
             _end_later(engine, session)
-        target = torch.tensor(chunk[1:])
+        target = torch.tensor(chunk[1:], device=logits.device)
         total -= F.cross_entropy(logits, target, reduction="sum").item()
         count += target.numel()
         masked += sum(b.outcome == MASKED for r in reports for b in r.branches)
         if return_logprobs:
-            rows.append(F.log_softmax(logits.float(), dim=-1))  # (T, V)
+            rows.append(F.log_softmax(logits.float(), dim=-1).cpu())  # (T, V)
     return ScoreResult(total, count, masked, torch.cat(rows) if rows else None)
 
 

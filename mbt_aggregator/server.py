@@ -39,6 +39,7 @@ from mbt_aggregator.servicer import GatewayServicer
 from mbt_core.artifacts.load import load_trunk, load_verified_manifest, trunk_model
 from mbt_core.artifacts.manifest import manifest_digest
 from mbt_core.cli.service import settle_heap, stop_on_signals, warn_plaintext
+from mbt_core.devices import open_device
 from mbt_core.training.diagnostics import weight_stats
 from mbt_core.trust.roster import load_roster
 from mbt_core.wire.codec import DTYPES
@@ -63,7 +64,7 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
     if cluster_tls is None:  # after the checks that can refuse the start: one line each
         warn_plaintext("mbt-aggregator")
     trunk_files = load_trunk(cfg.artifacts, manifest)
-    trunk = trunk_model(manifest, trunk_files)
+    trunk = trunk_model(manifest, trunk_files).to(open_device(cfg.device))
     digest = manifest_digest(manifest)
 
     metrics = Metrics(CollectorRegistry())

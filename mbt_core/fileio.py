@@ -13,18 +13,26 @@ import math
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO planted as a document must not hang
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``."""
+    atomic_write_stream(path, lambda fh: fh.write(data), mode)
+
+
+def atomic_write_stream(
+    path: str | os.PathLike[str], write: Callable[[BinaryIO], object], mode: int = 0o644
+) -> None:
+    """Like :func:`atomic_write_bytes`, with ``write(file)`` producing the contents: a file
+    of gigabytes need not be built in memory first."""
     target = Path(path)
-    tmp = _write_temp(target, data, mode)
+    tmp = _write_temp(target, write, mode)
     try:
         os.replace(tmp, target)
     except BaseException:
@@ -42,7 +50,7 @@ def create_new_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o60
     target = Path(path)
     if target.exists() or target.is_symlink():
         raise FileExistsError(f"{target}: already exists")
-    tmp = _write_temp(target, data, mode)
+    tmp = _write_temp(target, lambda fh: fh.write(data), mode)
     try:
         os.link(tmp, target)
     finally:
@@ -98,13 +106,13 @@ def locked(path: str | os.PathLike[str]) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _write_temp(target: Path, data: bytes, mode: int) -> Path:
-    """A fsynced temporary file beside ``target`` holding ``data`` with ``mode``."""
+def _write_temp(target: Path, write: Callable[[BinaryIO], object], mode: int) -> Path:
+    """A fsynced temporary file beside ``target``, filled by ``write``, with ``mode``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:  # mkstemp creates 0600: never readable by others
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)

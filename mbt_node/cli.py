@@ -64,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="gRPC address (port 0 picks a free one; 0.0.0.0:PORT for a LAN)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", *COMPUTE_DTYPES),
+        default="auto",
+        help="compute dtype; auto: the model's own (float16 models compute in float32 on a CPU)",
+    )
     p.add_argument(
         "--advertise",
         action=argparse.BooleanOptionalAction,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mbt_core.devices import check_device
 from mbt_core.trust.config import TlsConfig, TrustConfig, check_transport
 from mbt_core.wire.codec import COMPUTE_DTYPES
 
@@ -86,7 +87,7 @@ class NodeConfig:
     serve: tuple[tuple[int, int], ...]
     listen: str = "127.0.0.1:0"
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"  # the model's own (see mbt_node.runtime.compute_dtype)
     advertise: bool = True
     interface: str = "127.0.0.1"  # address advertised over mDNS and bound by zeroconf
     node_key: Path | None = None  # private key whose fingerprint is the node id
@@ -108,10 +109,10 @@ class NodeConfig:
         check_transport(self.tls, self.insecure)
         if self.tls.enabled and self.node_key is not None:
             raise ValueError("with TLS the node id is the certificate's; drop --node-key")
-        if self.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"dtype must be {' or '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        if self.dtype not in ("auto", *COMPUTE_DTYPES):
+            choices = ", ".join(("auto", *COMPUTE_DTYPES))
+            raise ValueError(f"dtype must be one of {choices}, got {self.dtype!r}")
+        check_device(self.device)
         if self.torch_threads <= 0:
             raise ValueError("torch_threads must be positive")
         if self.delay_ms < 0:

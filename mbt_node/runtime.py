@@ -14,7 +14,7 @@ from mbt_core.model.blocks import Branch
 from mbt_core.model.kv import KVSlots
 from mbt_core.trust.certs import certificate_file_fingerprint
 from mbt_core.trust.keys import key_id, load_private_key
-from mbt_core.wire.codec import DTYPES
+from mbt_core.wire.codec import COMPUTE_DTYPES, DTYPES
 from mbt_core.wire.contract import BranchKey
 from mbt_core.wire.discovery import NodeRecord
 from mbt_node.batcher import BranchBatcher
@@ -37,7 +37,7 @@ class NodeRuntime:
 
     @property
     def dtype(self) -> torch.dtype:
-        return DTYPES[self.cfg.dtype]
+        return compute_dtype(self.cfg, self.manifest)
 
     def record(self) -> NodeRecord:
         return NodeRecord(
@@ -82,21 +82,33 @@ def verify_manifest(cfg: NodeConfig) -> Manifest:
     return manifest
 
 
+def compute_dtype(cfg: NodeConfig, manifest: Manifest) -> torch.dtype:
+    """``--dtype``, or with ``auto`` the model's own where a node computes in it (a float16
+    model runs in float32: CPU float16 matmuls are too slow to offer)."""
+    name = cfg.dtype
+    if name == "auto":
+        name = manifest.config.dtype if manifest.config.dtype in COMPUTE_DTYPES else "float32"
+    return DTYPES[name]
+
+
 def load_runtime(cfg: NodeConfig, manifest: Manifest) -> NodeRuntime:
     """Load only the served branches, each hash-checked as it is read; blocking."""
     torch.set_num_threads(cfg.torch_threads)
     node_id = node_identity(cfg)
+    dtype = compute_dtype(cfg, manifest)
     branches = {}
     for key in cfg.serve:
         branch = load_branch(cfg.artifacts, manifest, *key)
-        branches[key] = branch.to(device=cfg.device, dtype=DTYPES[cfg.dtype]).eval()
+        branches[key] = branch.to(device=cfg.device, dtype=dtype).eval()
         log.info(
             "loaded layer %d branch %d (%s)", key[0], key[1], manifest.branch(*key).sha256[:12]
         )
     context = manifest.config.context_length
     # Each branch keeps its sessions' keys and values in one slot pool: a batch of sessions
     # reads and writes them with one op per block.
-    pools = {k: KVSlots(manifest.config, DTYPES[cfg.dtype], cfg.device) for k in branches}
+    pools = {
+        k: KVSlots(manifest.config, dtype, cfg.device, b.kv_heads()) for k, b in branches.items()
+    }
     store = SessionStore(cfg.limits, context, lambda k: pools[k].new_cache())
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
     batchers = {k: BranchBatcher(k, b, store, executor, cfg.batching) for k, b in branches.items()}

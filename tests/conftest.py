@@ -53,3 +53,13 @@ def tiny_checkpoint(
     path = tmp_path / "tiny.safetensors"
     save_checkpoint(path, tiny_model, tiny_tokenizer, {"origin": "test"})
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests run where CUDA is; elsewhere they are skipped, saying why."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device here")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

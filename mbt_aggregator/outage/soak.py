@@ -25,6 +25,7 @@ from tqdm import tqdm
 from mbt_aggregator.outage.baseline import run_baseline
 from mbt_aggregator.outage.workload import PROMPTS, Workload
 from mbt_core.cluster.local import Layout, LocalCluster
+from mbt_core.cluster.process import memory_mib
 from mbt_core.model.checkpoint import load_checkpoint
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
@@ -115,13 +116,7 @@ def soak_doc() -> str:
 
 def rss_mib(pid: int) -> float:
     """Resident memory of ``pid`` (VmRSS), in MiB; NaN once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return memory_mib(pid)
 
 
 class _Churn(threading.Thread):

@@ -6,7 +6,6 @@ calibrated output-norm bounds); loaders check signatures, expiry and rollback ag
 they then load, so what was checked is what runs.
 """
 
-
 from mbt_core.artifacts.export import export_artifacts
 from mbt_core.artifacts.load import (
     Verified,

@@ -31,6 +31,7 @@ from mbt_core.artifacts.manifest import ArtifactEntry, Manifest, NormBound, writ
 from mbt_core.errors import ArtifactError
 from mbt_core.fileio import atomic_write_bytes
 from mbt_core.model.checkpoint import Checkpoint
+from mbt_core.model.tokenizer import vocabulary_problem
 
 DEFAULT_MODEL_ID = "mbt-default"
 
@@ -57,10 +58,9 @@ def export_artifacts(
         raise ArtifactError(f"{out}: exists and is not an empty folder; export into a new one")
     created = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
-    if tokenizer.vocab_size != model.cfg.vocab_size:
-        raise ArtifactError(
-            f"tokenizer has {tokenizer.vocab_size} tokens, the model expects {model.cfg.vocab_size}"
-        )
+    problem = vocabulary_problem(tokenizer, model.cfg.vocab_size, model.cfg.kind == "sliced")
+    if problem:
+        raise ArtifactError(problem)
     trunk, branches = split_state(model)
     if norm_bounds is not None and set(norm_bounds) != set(branches):
         raise ValueError("norm_bounds must give exactly one bound per (layer, branch)")

@@ -63,9 +63,9 @@ def trunk_reference(cfg: ModelConfig) -> MBTLanguageModel:
     return model
 
 
-def branch_reference(cfg: ModelConfig) -> Branch:
+def branch_reference(cfg: ModelConfig, layer: int) -> Branch:
     with torch.device("meta"):
-        return Branch(cfg)
+        return Branch(cfg, layer)
 
 
 def _cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
+import torch
 from torch import Tensor, nn
 
 from mbt_core.artifacts.layout import (
@@ -36,12 +35,12 @@ from mbt_core.artifacts.signatures import check_signatures
 from mbt_core.errors import ArtifactError, CheckpointError, SignatureError, TokenizerError
 from mbt_core.jsonfields import format_time
 from mbt_core.model.blocks import Branch
-from mbt_core.model.checkpoint import Checkpoint, check_state, read_metadata
+from mbt_core.model.checkpoint import Checkpoint, check_state, tokenizer_eos
 from mbt_core.model.lm import MBTLanguageModel
-from mbt_core.model.tokenizer import Tokenizer
+from mbt_core.model.tensorfile import metadata_of, read_into, tensors_of
+from mbt_core.model.tokenizer import Tokenizer, vocabulary_problem
 from mbt_core.trust.root import Trust, TrustRoot, trusted_keys_and_threshold
 
-_READ_CHUNK = 1 << 20
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # absent on Windows, where the resolve check remains
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO planted as an artifact must not hang
 
@@ -206,8 +205,8 @@ def file_problems(directory: Path, manifest: Manifest) -> list[Problem]:
     return problems
 
 
-def read_artifact(directory: Path, entry: ArtifactEntry) -> bytes:
-    """The file's bytes, hashed while read; refused unless size and SHA-256 match ``entry``."""
+def read_artifact(directory: Path, entry: ArtifactEntry) -> bytearray:
+    """The file's bytes, read once; refused unless size and SHA-256 match ``entry``."""
     path = _artifact_path(Path(directory), entry.name)
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
@@ -225,21 +224,17 @@ def read_artifact(directory: Path, entry: ArtifactEntry) -> bytes:
             raise ArtifactError(f"{path}: not a regular file")
         if st.st_size != entry.size:
             raise ArtifactError(f"{path}: size {st.st_size} bytes, manifest says {entry.size}")
-        hasher, total = hashlib.sha256(), 0
-        chunks: list[bytes] = []
-        while total <= entry.size and (chunk := fh.read(_READ_CHUNK)):
-            hasher.update(chunk)
-            chunks.append(chunk)
-            total += len(chunk)
-    if total != entry.size:
-        raise ArtifactError(f"{path}: changed while read ({total} bytes, expected {entry.size})")
-    digest = hasher.hexdigest()
+        try:
+            data = read_into(fh.fileno(), entry.size)  # one buffer: the tensors are views of it
+        except ValueError as exc:
+            raise ArtifactError(f"{path}: changed while read ({exc})") from None
+    digest = hashlib.sha256(data).hexdigest()
     if digest != entry.sha256:
         raise ArtifactError(
             f"{path}: SHA-256 mismatch (manifest {entry.sha256}, file {digest}); "
             "the file was altered or corrupted"
         )
-    return b"".join(chunks)
+    return data
 
 
 def load_branch(directory: Path, manifest: Manifest, layer: int, branch: int) -> Branch:
@@ -248,10 +243,10 @@ def load_branch(directory: Path, manifest: Manifest, layer: int, branch: int) ->
     tensors = _parse_tensors(
         read_artifact(directory, entry),
         Path(directory) / entry.name,
-        branch_reference(manifest.config),
+        branch_reference(manifest.config, layer),
     )
-    module = Branch(manifest.config)
-    module.load_state_dict(tensors, strict=True)
+    module = branch_reference(manifest.config, layer)
+    module.load_state_dict(tensors, strict=True, assign=True)  # the parsed tensors, no copy
     return module.eval()
 
 
@@ -262,30 +257,30 @@ def load_trunk(directory: Path, manifest: Manifest) -> Trunk:
     data = read_artifact(directory, entry)
     tensors = _parse_tensors(data, path, trunk_reference(manifest.config))
     try:
-        meta = read_metadata(data)
+        meta = metadata_of(data)
         if meta.get("format") != TRUNK_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {TRUNK_FORMAT!r}")
         if meta.get("format_version") != str(FILE_FORMAT_VERSION):
             raise ValueError(f"format version {meta.get('format_version')!r}")
-        tokenizer = Tokenizer.from_json(meta["tokenizer"])
+        tokenizer = Tokenizer.from_json(meta["tokenizer"], tokenizer_eos(manifest.config))
         info = json.loads(meta.get("info", "{}"))
         if not isinstance(info, dict):
             raise ValueError("info is not an object")
     except (KeyError, ValueError, TokenizerError) as exc:
         raise ArtifactError(f"{path}: invalid trunk header: {exc}") from exc
-    if tokenizer.vocab_size != manifest.config.vocab_size:
-        raise ArtifactError(
-            f"{path}: tokenizer has {tokenizer.vocab_size} tokens, "
-            f"config says {manifest.config.vocab_size}"
-        )
+    problem = vocabulary_problem(
+        tokenizer, manifest.config.vocab_size, manifest.config.kind == "sliced"
+    )
+    if problem:
+        raise ArtifactError(f"{path}: {problem}")
     return Trunk(tensors=tensors, tokenizer=tokenizer, info=info)
 
 
 def trunk_model(manifest: Manifest, trunk: Trunk) -> MBTLanguageModel:
     """The model without its branches (embeddings, final norm, head, alpha): what an
     aggregator runs itself while the branches run on nodes."""
-    model = trunk_reference(manifest.config).to_empty(device="cpu")
-    model.load_state_dict(trunk.tensors, strict=True)
+    model = trunk_reference(manifest.config)
+    model.load_state_dict(trunk.tensors, strict=True, assign=True)
     return model.eval()
 
 
@@ -304,17 +299,18 @@ def load_model_from_artifacts(
     manifest = load_verified_manifest(directory, trusted_keys, threshold, state, record=False)
     cfg = manifest.config
     trunk = load_trunk(directory, manifest)
-    reference = branch_reference(cfg)
     branches = {}
     for li, k in enumerate(cfg.branches):
+        reference = branch_reference(cfg, li)
         for b in range(k):
             entry = manifest.branch(li, b)
             data = read_artifact(directory, entry)
             branches[(li, b)] = _parse_tensors(data, Path(directory) / entry.name, reference)
-    model = MBTLanguageModel(cfg)
+    with torch.device("meta"):
+        model = MBTLanguageModel(cfg)
     tensors = join_state(trunk.tensors, branches)
     _check_state(model, tensors, Path(directory))
-    model.load_state_dict(tensors, strict=True)
+    model.load_state_dict(tensors, strict=True, assign=True)
     model.eval()
     record_accepted(state, manifest)
     return Checkpoint(model=model, tokenizer=trunk.tokenizer, info=trunk.info)
@@ -328,10 +324,10 @@ def _artifact_path(directory: Path, name: str) -> Path:
     return path
 
 
-def _parse_tensors(data: bytes, source: Path, reference: nn.Module) -> dict[str, Tensor]:
+def _parse_tensors(data: bytearray, source: Path, reference: nn.Module) -> dict[str, Tensor]:
     try:
-        tensors = st_load(data)
-    except SafetensorError as exc:
+        tensors = tensors_of(data)  # views of the hashed bytes: what was checked is loaded
+    except ValueError as exc:
         raise ArtifactError(f"{source}: not a valid safetensors file ({exc})") from exc
     _check_state(reference, tensors, source)
     return tensors

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 READY = re.compile(r"(\S+) ready: listening on (\S+):(\d+),")
 
@@ -110,3 +111,16 @@ def start_process(
         raise
     finally:
         sel.close()
+
+
+def memory_mib(pid: int, peak: bool = False) -> float:
+    """Resident memory of ``pid`` in MiB, now (VmRSS) or its peak so far (VmHWM); NaN once
+    the process is gone."""
+    field = "VmHWM:" if peak else "VmRSS:"
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")

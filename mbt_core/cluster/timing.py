@@ -24,7 +24,7 @@ def branch_step(branch: Branch, prefix: int, sessions: int = 1) -> Timed:
     for a one-token step of that many sessions (their caches in one slot pool, as a node keeps
     them)."""
     d = branch.cfg.d_model
-    pool = KVSlots(branch.cfg, torch.float32, "cpu")
+    pool = KVSlots(branch.cfg, torch.float32, "cpu", branch.kv_heads())
     caches = [pool.new_cache() for _ in range(sessions)]
     x = torch.randn(sessions, d)
     with torch.inference_mode():

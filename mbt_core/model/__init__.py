@@ -5,7 +5,6 @@ in-process model and the gateway), the language model, outage masks, sampling, t
 and checkpoints. Nothing here knows gRPC, signatures or processes; a boundary test keeps it so.
 """
 
-
 from mbt_core.model.aggregate import Aggregated, aggregate
 from mbt_core.model.blocks import Branch
 from mbt_core.model.checkpoint import (

@@ -1,9 +1,10 @@
 """One branch of an MBT layer: pre-LN causal transformer blocks with an incremental KV cache.
 
 A branch is self-contained (it reads the layer input ``h`` and returns its output ``z``,
-residual included) so that a node can host it without the rest of the model. Positions are
-added by the trunk's embedding, so a branch needs no position index, only its cache
-(:mod:`mbt_core.model.kv`).
+residual included) so that a node can host it without the rest of the model. Learned positions
+are added by the trunk's embedding; rotary ones are taken from the cache's length (the KV
+views of :mod:`mbt_core.model.kv`), so a branch needs no position index either way. A branch
+of a ``sliced`` model holds one :class:`~mbt_core.model.slices.SliceBlock` instead of blocks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.nn.utils.rnn import pad_sequence
 from mbt_core.errors import MbtError
 from mbt_core.model.config import ModelConfig
 from mbt_core.model.kv import BranchCache, KVView, RaggedKV, UniformKV
+from mbt_core.model.slices import SliceBlock
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -161,12 +163,25 @@ class Block(nn.Module):
 
 
 class Branch(nn.Module):
-    """``blocks_per_branch`` blocks in sequence; callable alone, as a node hosts it."""
+    """``blocks_per_branch`` blocks in sequence (or one slice block of an imported layer);
+    callable alone, as a node hosts it. ``layer`` matters only to sliced models, whose
+    layers alternate kinds and may differ in width."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
-        self.blocks: Modules[Block] = Modules(Block(cfg) for _ in range(cfg.blocks_per_branch))
+        self.blocks: Modules[Block | SliceBlock] = Modules(
+            SliceBlock(cfg, layer) if cfg.kind == "sliced" else Block(cfg)
+            for _ in range(cfg.blocks_per_branch)
+        )
+        if cfg.torch_dtype != torch.float32:
+            self.to(cfg.torch_dtype)
+
+    def kv_heads(self) -> tuple[int, int]:
+        """``(heads, head_dim)`` of the keys this branch caches per block (0 heads: none)."""
+        first = self.blocks[0]
+        heads = first.kv_heads if isinstance(first, SliceBlock) else self.cfg.n_heads
+        return heads, self.cfg.head_dim
 
     def new_cache(self) -> BranchCache:
         n = len(self.blocks)

@@ -1,5 +1,8 @@
 """Checkpoints: config + tokenizer + weights in one safetensors file, validated on load.
 
+Weights keep the config's dtype on disk (bfloat16 stays bfloat16), and loading holds the
+file once: the model's parameters are views of the bytes read (:mod:`mbt_core.model.tensorfile`).
+
 The safetensors header carries the format name and version, the model config (JSON) and the
 tokenizer (JSON). Loading rebuilds the model from that config ("load with rebuild"), so the LM
 head always matches the stored vocabulary, then checks every tensor's name, shape and dtype.
@@ -13,15 +16,13 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from mbt_core.errors import CheckpointError, TokenizerError
-from mbt_core.fileio import atomic_write_bytes
+from mbt_core.fileio import atomic_write_stream
 from mbt_core.model.config import ModelConfig
 from mbt_core.model.lm import MBTLanguageModel
-from mbt_core.model.tokenizer import Tokenizer
+from mbt_core.model.tensorfile import metadata_of, read_whole, tensors_of, write_tensors
+from mbt_core.model.tokenizer import Tokenizer, vocabulary_problem
 
 FORMAT = "mbt-checkpoint"
 FORMAT_VERSION = 1
@@ -47,11 +48,9 @@ def save_checkpoint(
     info: dict[str, str] | None = None,
 ) -> None:
     """Write atomically (temporary file, fsync, rename)."""
-    if tokenizer.vocab_size != model.cfg.vocab_size:
-        raise CheckpointError(
-            f"tokenizer has {tokenizer.vocab_size} tokens "
-            f"but the model expects {model.cfg.vocab_size}"
-        )
+    problem = vocabulary_problem(tokenizer, model.cfg.vocab_size, model.cfg.kind == "sliced")
+    if problem:
+        raise CheckpointError(problem)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {
         "format": FORMAT,
@@ -60,20 +59,22 @@ def save_checkpoint(
         "tokenizer": tokenizer.to_json(),
         "info": json.dumps(info or {}, sort_keys=True),
     }
-    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+    atomic_write_stream(path, lambda fh: write_tensors(fh, tensors, metadata))
 
 
 def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     """Read, validate and rebuild; every failure is a :class:`CheckpointError` naming the file."""
     file = Path(path) if path is not None else default_checkpoint_path()
     try:
-        data = file.read_bytes()
+        data = read_whole(file)  # the tensors below are views of these bytes: held once
     except OSError as exc:
         raise CheckpointError(f"{file}: cannot read checkpoint ({exc.strerror})") from exc
+    except ValueError as exc:
+        raise CheckpointError(f"{file}: {exc}") from exc
     try:
-        tensors = st_load(data)
-        metadata = read_metadata(data)
-    except (SafetensorError, ValueError) as exc:
+        tensors = tensors_of(data)
+        metadata = metadata_of(data)
+    except ValueError as exc:
         raise CheckpointError(
             f"{file}: not a valid checkpoint file (truncated or corrupt: {exc})"
         ) from exc
@@ -86,19 +87,24 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
         )
     try:
         cfg = ModelConfig.from_dict(json.loads(metadata["config"]))
-        tokenizer = Tokenizer.from_json(metadata["tokenizer"])
+        tokenizer = Tokenizer.from_json(metadata["tokenizer"], tokenizer_eos(cfg))
         info = json.loads(metadata.get("info", "{}"))
     except (KeyError, ValueError, TypeError, TokenizerError) as exc:
         raise CheckpointError(f"{file}: invalid checkpoint header: {exc}") from exc
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise CheckpointError(
-            f"{file}: tokenizer has {tokenizer.vocab_size} tokens, config says {cfg.vocab_size}"
-        )
-    model = MBTLanguageModel(cfg)
+    problem = vocabulary_problem(tokenizer, cfg.vocab_size, cfg.kind == "sliced")
+    if problem:
+        raise CheckpointError(f"{file}: {problem}")
+    with torch.device("meta"):  # no weights allocated: the file's tensors become the model's
+        model = MBTLanguageModel(cfg)
     check_state(model, tensors, str(file))
-    model.load_state_dict(tensors, strict=True)
+    model.load_state_dict(tensors, strict=True, assign=True)
     model.eval()
     return Checkpoint(model=model, tokenizer=tokenizer, info=info)
+
+
+def tokenizer_eos(cfg: ModelConfig) -> int | None:
+    """The end token an imported model's config names; trained ones look theirs up."""
+    return cfg.eos_token_id if cfg.kind == "sliced" else None
 
 
 def check_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -119,16 +125,3 @@ def check_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source
                 f"{source}: tensor {name} is {got.dtype} {tuple(got.shape)}, "
                 f"expected {ref.dtype} {tuple(ref.shape)}"
             )
-
-
-def read_metadata(data: bytes) -> dict[str, str]:
-    if len(data) < 8:
-        raise ValueError("file shorter than a safetensors header")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise ValueError("header length beyond end of file")
-    header = json.loads(data[8 : 8 + n])
-    meta = header.get("__metadata__", {})
-    if not isinstance(meta, dict):
-        raise ValueError("metadata is not a mapping")
-    return meta

@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
+from mbt_core.model.decoder import DecoderSpec
+
+KINDS = ("block", "sliced")
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -12,6 +19,12 @@ class ModelConfig:
 
     ``branches`` gives K for every layer, so layers may differ in width; ``n_layers`` must match
     its length (it is stored redundantly so that a config file reads naturally).
+
+    ``kind`` says what a branch is. ``"block"`` branches are whole pre-LN transformer blocks
+    (what ``mbt train`` makes, learned positions). ``"sliced"`` branches are width slices of an
+    imported decoder, described by ``decoder``: per layer an attention slice, an MLP slice, or
+    both side by side for parallel-residual models (see :meth:`layer_kind`). ``dtype`` is what
+    the weights are stored and computed in.
     """
 
     vocab_size: int = 2048  # small BPE vocabulary: the embedding stays cheap on a CPU
@@ -25,10 +38,21 @@ class ModelConfig:
     dropout: float = 0.0
     eos_token_id: int = 0  # the tokenizer puts its end-of-text token first
     layer_norm_eps: float = 1e-5
+    kind: str = "block"
+    dtype: str = "float32"
+    decoder: DecoderSpec | None = None
 
     def __post_init__(self) -> None:
-        # JSON gives lists; keep the dataclass hashable and comparable.
+        # JSON gives lists and objects; keep the dataclass hashable and comparable.
         object.__setattr__(self, "branches", tuple(int(k) for k in self.branches))
+        if isinstance(self.decoder, dict):
+            object.__setattr__(self, "decoder", DecoderSpec.from_dict(self.decoder))
+        if self.kind not in KINDS:
+            raise ValueError(f"model kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}"
+            )
         positive = {
             "vocab_size": self.vocab_size,
             "d_model": self.d_model,
@@ -41,7 +65,11 @@ class ModelConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.d_model % self.n_heads:
+        if self.kind == "sliced":
+            self._check_decoder()
+        elif self.decoder is not None:
+            raise ValueError("a decoder description belongs to a model of kind 'sliced'")
+        elif self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
@@ -58,17 +86,68 @@ class ModelConfig:
                 f"eos_token_id {self.eos_token_id} is outside the vocabulary of {self.vocab_size}"
             )
 
+    def _check_decoder(self) -> None:
+        spec = self.decoder
+        if spec is None:
+            raise ValueError("a model of kind 'sliced' needs its decoder description")
+        shared = {
+            "vocab_size": spec.vocab_size,
+            "d_model": spec.d_model,
+            "n_heads": spec.n_heads,
+            "n_layers": spec.n_mbt_layers,
+            "blocks_per_branch": 1,
+        }
+        for name, value in shared.items():
+            if getattr(self, name) != value:
+                raise ValueError(f"{name} is {getattr(self, name)} but the decoder's is {value}")
+        if self.context_length > spec.context_length:
+            raise ValueError(
+                f"context_length {self.context_length} exceeds the decoder's "
+                f"{spec.context_length} positions"
+            )
+        for k in set(self.branches):
+            spec.check_split(k)
+
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_model // self.n_heads if self.decoder is None else self.decoder.head_dim
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dtype: torch.dtype = getattr(torch, self.dtype)
+        return dtype
+
+    @property
+    def learned_positions(self) -> bool:
+        """Whether the trunk adds position embeddings (otherwise attention rotates)."""
+        return self.decoder is None or self.decoder.rope is None
+
+    def layer_kind(self, layer: int) -> str:
+        """What each branch of ``layer`` computes: ``block``, ``attention``, ``mlp`` or
+        ``parallel`` (attention and MLP slices reading the same input)."""
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} is outside 0..{self.n_layers - 1}")
+        if self.decoder is None:
+            return "block"
+        if self.decoder.parallel_residual:
+            return "parallel"
+        return "attention" if layer % 2 == 0 else "mlp"
 
     @property
     def total_branches(self) -> int:
         return sum(self.branches)
 
     def to_dict(self) -> dict[str, Any]:
+        """Settings left at their defaults are omitted (kind, dtype, decoder) so that the
+        configs of trained float32 models, and the manifests signed over them before those
+        settings existed, keep their bytes."""
         data = asdict(self)
         data["branches"] = list(self.branches)
+        for name in _OMITTED_AT_DEFAULT:
+            if getattr(self, name) == ModelConfig.__dataclass_fields__[name].default:
+                del data[name]
+        if self.decoder is not None:
+            data["decoder"] = self.decoder.to_dict()
         return data
 
     @classmethod
@@ -78,6 +157,9 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
         return cls(**data)
+
+
+_OMITTED_AT_DEFAULT = ("kind", "dtype", "decoder")
 
 
 @dataclass(frozen=True)

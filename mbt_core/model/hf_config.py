@@ -11,68 +11,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mbt_core.model.decoder import DecoderSpec, UnsupportedModel
 from mbt_core.model.rope import RopeConfig
 from mbt_core.model.slices import ACTIVATIONS
 
 SUPPORTED = ("gpt2", "gpt_neox", "llama", "qwen2")
-
-
-class UnsupportedModel(ValueError):
-    """The checkpoint, or the requested split of it, cannot be imported exactly."""
-
-
-@dataclass(frozen=True)
-class DecoderSpec:
-    """One pretrained decoder's shape, family-neutral.
-
-    ``parallel_residual`` models (GPT-NeoX) become one MBT layer per block; sequential ones two
-    (attention, then MLP). ``rope`` is None for learned positions (GPT-2).
-    """
-
-    model_type: str
-    vocab_size: int
-    d_model: int
-    n_blocks: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    context_length: int
-    norm: str  # "layernorm" or "rmsnorm"
-    norm_eps: float
-    norm_bias: bool
-    qkv_bias: bool
-    out_bias: bool
-    mlp_bias: bool
-    activation: str
-    gated_mlp: bool
-    parallel_residual: bool
-    tied_embeddings: bool
-    rope: RopeConfig | None
-    eos_token_id: int | None
-
-    @property
-    def n_mbt_layers(self) -> int:
-        return self.n_blocks if self.parallel_residual else 2 * self.n_blocks
-
-    def check_split(self, branches: int) -> None:
-        """Refuse a K that would cut a KV head group or leave a branch without neurons."""
-        if branches <= 0:
-            raise UnsupportedModel(f"--branches must be a positive integer, got {branches}")
-        if self.n_kv_heads % branches:
-            raise UnsupportedModel(
-                f"{branches} branches do not divide the {self.n_kv_heads} key-value head groups "
-                f"of this {self.model_type} model; choose K from {_divisors(self.n_kv_heads)}"
-            )
-        if self.intermediate_size % branches:
-            raise UnsupportedModel(
-                f"{branches} branches do not divide the {self.intermediate_size} MLP neurons of "
-                f"this {self.model_type} model"
-            )
+__all__ = ["SUPPORTED", "DecoderSpec", "UnsupportedModel", "read_spec", "spec_from_config"]
 
 
 def read_spec(folder: Path) -> DecoderSpec:
@@ -153,7 +100,9 @@ class _Fields:
         if not isinstance(params, dict) or not isinstance(scaling, dict):
             raise UnsupportedModel("config.json rope settings must be JSON objects")
         params = {**scaling, **params}
-        theta = params.get("rope_theta", self.data.get("rope_theta", 10000.0))
+        # GPT-NeoX configs name the base rotary_emb_base.
+        base = self.data.get("rope_theta", self.data.get("rotary_emb_base", 10000.0))
+        theta = params.get("rope_theta", base)
         fraction = params.get(
             "partial_rotary_factor",
             self.data.get("partial_rotary_factor", self.data.get("rotary_pct", default_fraction)),
@@ -276,10 +225,6 @@ def _head_dim(d_model: int, n_heads: int) -> int:
     if d_model % n_heads:
         raise UnsupportedModel(f"hidden size {d_model} is not a multiple of {n_heads} heads")
     return d_model // n_heads
-
-
-def _divisors(n: int) -> str:
-    return ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
 
 
 def _llama(f: _Fields) -> DecoderSpec:

@@ -2,12 +2,14 @@
 
 The trunk (``embed`` and ``logits``) and each branch are callable on their own: the aggregator
 gateway runs the trunk and fuses, the nodes run the branches; :func:`aggregate` is the seam.
+An imported decoder's trunk may lack position embeddings (rotary models), use RMSNorm, and
+have an LM head of its own (untied); the config says which.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from mbt_core.model.aggregate import Aggregated, aggregate
 from mbt_core.model.blocks import Branch, Modules
 from mbt_core.model.config import AggregationConfig, ModelConfig
 from mbt_core.model.kv import BranchCache
+from mbt_core.model.slices import Norm
 
 
 @dataclass
@@ -38,9 +41,9 @@ class StepInfo:
 class MBTLayer(nn.Module):
     """K parallel branches and their aggregation weights ``alpha = softmax(alpha_logits)``."""
 
-    def __init__(self, cfg: ModelConfig, n_branches: int) -> None:
+    def __init__(self, cfg: ModelConfig, n_branches: int, layer: int = 0) -> None:
         super().__init__()
-        self.branches: Modules[Branch] = Modules(Branch(cfg) for _ in range(n_branches))
+        self.branches: Modules[Branch] = Modules(Branch(cfg, layer) for _ in range(n_branches))
         self.alpha_logits = nn.Parameter(torch.zeros(n_branches))
 
     def weights(self) -> Tensor:
@@ -72,17 +75,23 @@ class MBTLayer(nn.Module):
                 outputs.append(torch.zeros_like(h))
                 continue
             outputs.append(branch(h, None if caches is None else caches[i]))
-        stacked = torch.stack(outputs)  # (K, B, T, C)
+        # Half-precision models fuse in float32 and round once, as the gateway does (it
+        # fuses what nodes send in float32): the two then agree bit for bit.
+        stacked = torch.stack(outputs).float()  # (K, B, T, C)
         if aggregation is None:
-            return aggregate(stacked, self.weights(), mask, "mean", norm_factor=None)
-        return aggregate(
-            stacked,
-            self.weights(),
-            mask,
-            aggregation.mode,
-            norm_factor=aggregation.norm_factor,
-            trim_fraction=aggregation.trim_fraction,
-        )
+            fused = aggregate(stacked, self.weights(), mask, "mean", norm_factor=None)
+        else:
+            fused = aggregate(
+                stacked,
+                self.weights(),
+                mask,
+                aggregation.mode,
+                norm_factor=aggregation.norm_factor,
+                trim_fraction=aggregation.trim_fraction,
+            )
+        if fused.output.dtype == h.dtype:
+            return fused
+        return replace(fused, output=fused.output.to(h.dtype))
 
 
 class MBTLanguageModel(nn.Module):
@@ -90,11 +99,24 @@ class MBTLanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model)
+        self.pos_emb = (
+            nn.Embedding(cfg.context_length, cfg.d_model) if cfg.learned_positions else None
+        )
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers: Modules[MBTLayer] = Modules(MBTLayer(cfg, k) for k in cfg.branches)
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.layers: Modules[MBTLayer] = Modules(
+            MBTLayer(cfg, k, li) for li, k in enumerate(cfg.branches)
+        )
+        spec = cfg.decoder
+        self.ln_f: nn.Module = (
+            nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+            if spec is None
+            else Norm(cfg.d_model, spec.norm, spec.norm_eps, spec.norm_bias)
+        )
+        untied = spec is not None and not spec.tied_embeddings
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if untied else None
         self._init_weights()
+        if cfg.torch_dtype != torch.float32:
+            self.to(cfg.torch_dtype)
 
     def _init_weights(self) -> None:
         # GPT-2 style: N(0, 0.02), residual projections scaled down by the residual depth.
@@ -123,13 +145,16 @@ class MBTLanguageModel(nn.Module):
                 f"positions {start}..{start + t} exceed "
                 f"the context length {self.cfg.context_length}"
             )
-        pos = torch.arange(start, start + t, device=idx.device)
-        h: Tensor = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
-        return h
+        h: Tensor = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            h = h + self.pos_emb(torch.arange(start, start + t, device=idx.device))
+        out: Tensor = self.drop(h)  # (B, T, C)
+        return out
 
     def logits(self, h: Tensor) -> Tensor:
-        """Final norm and LM head (tied to the token embedding)."""
-        return F.linear(self.ln_f(h), self.tok_emb.weight)  # (B, T, V)
+        """Final norm and LM head (tied to the token embedding unless the model has its own)."""
+        head = self.tok_emb.weight if self.head is None else self.head.weight
+        return F.linear(self.ln_f(h), head)  # (B, T, V)
 
     def forward(
         self,

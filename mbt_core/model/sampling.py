@@ -90,7 +90,8 @@ def generate(
         raise ValueError("the prompt encodes to no tokens")
     model.eval()
     aggregation = aggregation or AggregationConfig()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    device = model.tok_emb.weight.device  # wherever the model was put (mbt generate --device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     window = model.cfg.context_length
     tokens = list(prompt[-window:])
     cache = model.new_cache()
@@ -100,7 +101,7 @@ def generate(
         if restart:
             cache = model.new_cache()
         info = StepInfo()
-        logits = model(torch.tensor([pending]), masks, cache, aggregation, info)
+        logits = model(torch.tensor([pending], device=device), masks, cache, aggregation, info)
         token = int(select_next(logits[:, -1], cfg, gen)[0])
         yield token, info
         if cfg.stop_at_eos and token == model.cfg.eos_token_id:

@@ -6,7 +6,8 @@ the MBT fusion ``sum_i z_i / K = h + sum_i u_i(h)`` is the dense sublayer exactl
 the dense sublayer adds once (the output projections') are stored divided by K in every slice,
 so the sum adds them once and a missing branch renormalizes them like the rest.
 
-This module holds the math only; the split of dense weights into slices is :func:`split`.
+:class:`SliceBlock` is what a branch of an imported model runs; :func:`split_attention` and
+:func:`split_mlp` cut dense weights into slices.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mbt_core.model.config import ModelConfig
+from mbt_core.model.decoder import DecoderSpec
 from mbt_core.model.kv import KVView
 from mbt_core.model.rope import RopeConfig, rotary_tables, rotate
 
@@ -133,6 +136,72 @@ class MLPSlice(nn.Module):
         hidden = act(self.up(x)) if self.gate is None else act(self.gate(x)) * self.up(x)
         update: Tensor = self.down(hidden)
         return update
+
+
+def dense_shapes(spec: DecoderSpec, k: int = 1) -> tuple[AttentionShape, MLPShape]:
+    """The attention and MLP shapes of one of ``k`` slices (``k=1``: the dense sublayers)."""
+    attention = AttentionShape(
+        spec.d_model,
+        spec.n_heads // k,
+        spec.n_kv_heads // k,
+        spec.head_dim,
+        spec.qkv_bias,
+        spec.out_bias,
+        spec.rope,
+    )
+    mlp = MLPShape(
+        spec.d_model, spec.intermediate_size // k, spec.activation, spec.gated_mlp, spec.mlp_bias
+    )
+    return attention, mlp
+
+
+def layer_shapes(cfg: ModelConfig, layer: int) -> tuple[AttentionShape | None, MLPShape | None]:
+    """The slice shapes one branch of ``layer`` holds (None where its kind has no such part)."""
+    kind = cfg.layer_kind(layer)
+    if cfg.decoder is None:
+        raise ValueError(f"layer {layer} of a {cfg.kind!r} model has no width slices")
+    attention, mlp = dense_shapes(cfg.decoder, cfg.branches[layer])
+    return (
+        attention if kind in ("attention", "parallel") else None,
+        mlp if kind in ("mlp", "parallel") else None,
+    )
+
+
+class SliceBlock(nn.Module):
+    """One branch of an imported layer: ``z = x + K * u(x)``.
+
+    ``u`` is this branch's attention slice update, MLP slice update, or (parallel residual)
+    both read from the same ``x``, each behind its own norm, as the dense block computes them.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        spec = cfg.decoder
+        assert spec is not None  # layer_shapes refuses block models first
+        attention, mlp = layer_shapes(cfg, layer)
+        self.scale = float(cfg.branches[layer])
+
+        def norm() -> Norm:
+            return Norm(spec.d_model, spec.norm, spec.norm_eps, spec.norm_bias)
+
+        self.attn_norm = norm() if attention else None
+        self.attn = AttentionSlice(attention) if attention else None
+        self.mlp_norm = norm() if mlp else None
+        self.mlp = MLPSlice(mlp) if mlp else None
+
+    @property
+    def kv_heads(self) -> int:
+        return 0 if self.attn is None else self.attn.shape.n_kv_heads
+
+    def forward(self, x: Tensor, kv: KVView, index: int) -> Tensor:
+        update: Tensor | None = None
+        if self.attn is not None and self.attn_norm is not None:
+            update = self.attn(self.attn_norm(x), kv, index)
+        if self.mlp is not None and self.mlp_norm is not None:
+            m = self.mlp(self.mlp_norm(x))
+            update = m if update is None else update + m
+        assert update is not None
+        return x + self.scale * update
 
 
 @dataclass(frozen=True)

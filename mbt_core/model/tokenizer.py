@@ -1,4 +1,8 @@
-"""Byte-level BPE tokenizer (the ``tokenizers`` library), stored inside every checkpoint."""
+"""Byte-level BPE tokenizer (the ``tokenizers`` library), stored inside every checkpoint.
+
+Trained models use this module's BPE, whose end-of-text token is ``<|endoftext|>`` (id 0);
+imported decoders bring their own ``tokenizer.json`` and name their end token by id.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ EOS = "<|endoftext|>"
 
 
 class Tokenizer:
-    """Encode and decode text; ``eos_id`` is the end-of-text token, always id 0."""
+    """Encode and decode text; ``eos_id`` is the end-of-text token (``<|endoftext|>`` unless
+    given: an imported decoder's config names its own)."""
 
-    def __init__(self, backend: _Backend) -> None:
-        eos = backend.token_to_id(EOS)
+    def __init__(self, backend: _Backend, eos_id: int | None = None) -> None:
+        eos = backend.token_to_id(EOS) if eos_id is None else eos_id
         if eos is None:
             raise TokenizerError(f"tokenizer has no {EOS} token")
         self._backend = backend
@@ -41,9 +46,9 @@ class Tokenizer:
         return cls(backend)
 
     @classmethod
-    def from_json(cls, data: str) -> Tokenizer:
+    def from_json(cls, data: str, eos_id: int | None = None) -> Tokenizer:
         try:
-            return cls(_Backend.from_str(data))
+            return cls(_Backend.from_str(data), eos_id)
         except Exception as exc:  # the backend raises plain Exception subclasses
             raise TokenizerError(f"cannot read tokenizer: {exc}") from exc
 
@@ -59,3 +64,16 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._backend.decode(list(ids))
+
+
+def vocabulary_problem(tokenizer: Tokenizer, vocab_size: int, padded: bool = False) -> str | None:
+    """Why ``tokenizer`` cannot drive a model of ``vocab_size`` logits, or None.
+
+    A trained model's vocabulary is its tokenizer's. A ``padded`` one (an imported decoder:
+    pretrained vocabularies are padded to a round size) may have more rows than tokens, but a
+    token beyond its rows could never be embedded.
+    """
+    n = tokenizer.vocab_size
+    if n > vocab_size or (n != vocab_size and not padded):
+        return f"tokenizer has {n} tokens, config says {vocab_size}"
+    return None

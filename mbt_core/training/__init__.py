@@ -2,7 +2,6 @@
 entropy floor, perplexity under outages, and the width diagnostics.
 """
 
-
 from mbt_core.training.data import read_texts, token_stream
 from mbt_core.training.diagnostics import LayerDiagnostics, diagnose
 from mbt_core.training.evaluate import OutageResult, outage_table, perplexity

@@ -2,7 +2,6 @@
 X.509 certificates, and the trust and TLS settings a process starts with.
 """
 
-
 from mbt_core.trust.certs import TlsMaterial, init_ca, issue_cert
 from mbt_core.trust.config import TlsConfig, TrustConfig
 from mbt_core.trust.keys import generate_key, key_id, load_private_key, load_public_key

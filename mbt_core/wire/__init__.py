@@ -7,7 +7,6 @@ client of the gateway API; ``discovery`` is the DNS-SD record. Only ``contract``
 here, so that importing this package pulls in no gRPC.
 """
 
-
 from mbt_core.wire.contract import (
     CACHE_LENGTH_METADATA,
     PROTOCOL_VERSION,

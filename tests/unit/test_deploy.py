@@ -36,8 +36,9 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from mbt_aggregator import cli as aggregator_cli
 from mbt_aggregator.metrics import Metrics
-from mbt_core.model.checkpoint import default_checkpoint_path, read_metadata
+from mbt_core.model.checkpoint import default_checkpoint_path
 from mbt_core.model.config import ModelConfig
+from mbt_core.model.tensorfile import metadata_of
 from mbt_node import cli as node_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,7 +90,7 @@ def healthcheck_args(argv: list[str]) -> argparse.Namespace:
 
 
 def shipped_branches() -> set[tuple[int, int]]:
-    meta = read_metadata(default_checkpoint_path().read_bytes())
+    meta = metadata_of(default_checkpoint_path().read_bytes())
     cfg = ModelConfig.from_dict(json.loads(meta["config"]))
     return {(layer, b) for layer, k in enumerate(cfg.branches) for b in range(k)}
 

@@ -14,6 +14,7 @@ import torch
 
 from mbt_core.cli.commands.common import add_model_arguments, load_model
 from mbt_core.cli.flags import add_gateway_client_arguments, gateway_credentials
+from mbt_core.devices import open_device
 from mbt_core.model.config import AggregationConfig
 from mbt_core.model.masks import describe, parse_drop_spec, training_masks
 from mbt_core.model.sampling import SamplingConfig, generate
@@ -49,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="take each branch out with probability P (at least one kept per layer)",
     )
     p.add_argument("--aggregation", choices=("mean", "trimmed", "median"), default="mean")
+    p.add_argument(
+        "--device", default="cpu", help="where the in-process model runs: cpu or cuda[:N]"
+    )
     add_gateway_client_arguments(
         p, help="generate through a running mbt-aggregator instead of in this process"
     )
@@ -73,10 +77,10 @@ def run_remote(args: argparse.Namespace) -> int:
     """Generate through a gateway; the CLI is the composition root that may reach it."""
     from mbt_core.wire.gateway_client import describe_layers, generate_remote
 
-    if args.drop or args.drop_rate or args.artifacts or args.checkpoint:
+    if args.drop or args.drop_rate or args.artifacts or args.checkpoint or args.device != "cpu":
         raise ValueError(
-            "--gateway serves its own model: --drop, --drop-rate, --checkpoint "
-            "and --artifacts do not apply"
+            "--gateway serves its own model: --drop, --drop-rate, --checkpoint, --artifacts "
+            "and --device do not apply"
         )
     sys.stdout.write(args.prompt)
     credentials = gateway_credentials(args)
@@ -97,8 +101,9 @@ def run_remote(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.gateway:
         return run_remote(args)
+    device = open_device(args.device)  # before loading: a missing GPU fails at once
     ckpt = load_model(args)
-    model, tok = ckpt.model, ckpt.tokenizer
+    model, tok = ckpt.model.to(device), ckpt.tokenizer
     if args.drop and args.drop_rate:
         raise ValueError("use either --drop or --drop-rate, not both")
     masks = None

@@ -105,6 +105,24 @@ def test_old_style_rope_keys_read_like_the_new_ones() -> None:
     assert spec_from_config(new).rope.theta == 500000.0
 
 
+def test_a_pythia_style_rotary_base_is_read() -> None:
+    """Pythia's config.json (written before rope_theta existed) names the base
+    rotary_emb_base and the rotated fraction rotary_pct."""
+    data = {
+        "model_type": "gpt_neox",
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "vocab_size": 96,
+        "max_position_embeddings": 128,
+        "rotary_emb_base": 25000,
+        "rotary_pct": 0.5,
+    }
+    rope = spec_from_config(data).rope
+    assert rope is not None and rope.theta == 25000.0 and rope.rotary_dim == 8
+
+
 def test_eos_lists_take_their_first_id() -> None:
     data = LlamaConfig(
         hidden_size=64, num_attention_heads=4, intermediate_size=96, eos_token_id=[5, 9], **SMALL
