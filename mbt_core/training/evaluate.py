@@ -39,11 +39,13 @@ def perplexity(
     masks: list[Tensor] | None = None,
     batch_size: int = 16,
     max_tokens: int | None = None,
+    window: int | None = None,
 ) -> float:
-    """exp(mean next-token loss) over non-overlapping context-length windows of ``stream``."""
+    """exp(mean next-token loss) over non-overlapping windows of ``stream`` (the context
+    length, or ``window`` positions: a fine-tune of a long-context model scores short ones)."""
     was_training = model.training
     model.eval()
-    t = model.cfg.context_length
+    t = min(window or model.cfg.context_length, model.cfg.context_length)
     if max_tokens is not None:
         stream = stream[: max_tokens + 1]
     n_windows = (stream.numel() - 1) // t

@@ -1,9 +1,11 @@
-"""Training an MBT LM for partial availability: branch dropout with renormalization, plus an
-entropy floor on every layer's aggregation weights so that no branch starves.
+"""Training an MBT LM for partial availability: masked sub-models with renormalization, plus
+an entropy floor on every layer's aggregation weights so that no branch starves.
 
-Each step draws one mask per layer (branch dropout), runs only the kept branches and
-renormalizes alpha over them, exactly as the aggregator does when nodes are missing. The
-entropy floor adds ``entropy_weight * relu(floor * log K - H(alpha))`` per layer to the loss.
+Each step draws masks per layer, runs only the kept branches and renormalizes alpha over them,
+exactly as the aggregator does when nodes are missing: the masked model is trained on the
+labels (``robust_mode="dropout"``), or on the full model's soft predictions while the full
+model trains on the labels (``"distill"``, :mod:`mbt_core.training.objective`). The entropy
+floor adds ``entropy_weight * relu(floor * log K - H(alpha))`` per layer to the loss.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from tqdm import tqdm
 from mbt_core.model.checkpoint import load_checkpoint, save_checkpoint
 from mbt_core.model.config import ModelConfig
 from mbt_core.model.lm import MBTLanguageModel
-from mbt_core.model.masks import training_masks
+from mbt_core.model.masks import outage_masks, training_masks
 from mbt_core.model.tokenizer import Tokenizer
 from mbt_core.training.data import random_batch, read_texts, split_texts, token_stream
 from mbt_core.training.evaluate import perplexity
+from mbt_core.training.objective import ROBUST_MODES, dropout_losses, sandwich_losses
 
+FREEZABLE = ("trunk", "alpha", "attention", "mlp", "norms")
 CHECKPOINT_NAME = "model.safetensors"
 STATE_NAME = "trainer-state.pt"
 
@@ -48,11 +52,22 @@ class TrainConfig:
     # each batch. "step": one mask per layer and step; dropped branches are skipped (cheaper).
     # On the shipped recipe, per-sequence masks cost far less healthy perplexity (see README).
     mask_per: str = "sequence"
+    # "dropout": the masked model on the labels; "distill": the full model on the labels plus
+    # ``submodels`` masked ones on its soft predictions at ``distill_temperature``.
+    robust_mode: str = "dropout"
+    submodels: int = 1
+    distill_temperature: float = 1.0
     entropy_floor: float = 0.9  # fraction of log K that H(alpha) may not fall below
     entropy_weight: float = 0.1
     eval_interval: int = 250
     eval_tokens: int = 16384
     checkpoint_interval: int = 250
+    # Fine-tuning (mbt finetune): start from this checkpoint (its architecture, weights and
+    # tokenizer; ``model`` is ignored), train in float32, keep the named parts fixed, and cut
+    # training sequences (and validation windows) to ``block_size`` positions.
+    init: Path | None = None
+    freeze: tuple[str, ...] = ()
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0:
@@ -61,10 +76,21 @@ class TrainConfig:
             raise ValueError(f"branch_drop must be in [0, 1), got {self.branch_drop}")
         if self.mask_per not in ("step", "sequence"):
             raise ValueError(f"mask_per must be 'step' or 'sequence', got {self.mask_per!r}")
+        if self.robust_mode not in ROBUST_MODES:
+            raise ValueError(
+                f"robust_mode must be one of {', '.join(ROBUST_MODES)}, got {self.robust_mode!r}"
+            )
+        if self.submodels < 0 or self.distill_temperature <= 0:
+            raise ValueError("need submodels >= 0 and distill_temperature > 0")
         if not 0.0 <= self.entropy_floor <= 1.0:
             raise ValueError(f"entropy_floor must be in [0, 1], got {self.entropy_floor}")
         if self.warmup_steps < 0 or self.min_lr > self.lr:
             raise ValueError("need warmup_steps >= 0 and min_lr <= lr")
+        unknown = sorted(set(self.freeze) - set(FREEZABLE))
+        if unknown:
+            raise ValueError(f"cannot freeze {', '.join(unknown)}: choose from {FREEZABLE}")
+        if self.block_size is not None and self.block_size < 2:
+            raise ValueError(f"block_size must be at least 2, got {self.block_size}")
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -87,6 +113,41 @@ def entropy_penalty(model: MBTLanguageModel, floor: float) -> Tensor:
     return total
 
 
+def trainable(model: MBTLanguageModel) -> MBTLanguageModel:
+    """The model in float32: half-precision weights (an imported bfloat16 model) would lose
+    most small updates to rounding. Its checkpoints are then float32 too."""
+    if model.cfg.dtype == "float32":
+        return model
+    cfg = replace(model.cfg, dtype="float32")
+    with torch.device("meta"):
+        wide = MBTLanguageModel(cfg)
+    wide.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, assign=True)
+    return wide
+
+
+def freeze(model: MBTLanguageModel, parts: tuple[str, ...]) -> int:
+    """Stop the gradient of the named parts; returns how many parameters still train.
+
+    ``trunk`` is the embeddings, final norm and head; ``attention``/``mlp`` the branches'
+    attention and MLP weights (block or slice); ``norms`` every norm inside the branches.
+    """
+    for name, p in model.named_parameters():
+        if _part_of(name) in parts:
+            p.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _part_of(name: str) -> str:
+    if not name.startswith("layers."):
+        return "trunk"
+    if name.endswith("alpha_logits"):
+        return "alpha"
+    leaf = name.split(".blocks.", 1)[-1].split(".", 1)[-1]  # past the block's index
+    if leaf.startswith(("ln", "attn_norm", "mlp_norm")):
+        return "norms"
+    return "attention" if leaf.startswith("attn") else "mlp"
+
+
 def train(cfg: TrainConfig, progress: bool = True, until: int | None = None) -> Path:
     """Train (or resume) and return the path of the checkpoint written last.
 
@@ -100,9 +161,9 @@ def train(cfg: TrainConfig, progress: bool = True, until: int | None = None) -> 
 
     torch.manual_seed(cfg.seed)  # before the model is built: its initialization draws from it
     resume = ckpt_path.exists() and state_path.exists()
-    if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        model, tokenizer = ckpt.model, ckpt.tokenizer
+    if resume or cfg.init is not None:
+        ckpt = load_checkpoint(ckpt_path if resume else cfg.init)
+        model, tokenizer = trainable(ckpt.model), ckpt.tokenizer
         model.train()
     else:
         tokenizer = Tokenizer.train(train_texts, cfg.model.vocab_size)
@@ -110,8 +171,11 @@ def train(cfg: TrainConfig, progress: bool = True, until: int | None = None) -> 
     train_stream = token_stream(tokenizer, train_texts)
     val_stream = token_stream(tokenizer, val_texts)
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    if freeze(model, cfg.freeze) == 0:
+        raise ValueError(f"--freeze {','.join(cfg.freeze)} leaves nothing to train")
+    training = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in training if p.dim() >= 2]
+    no_decay = [p for p in training if p.dim() < 2]
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": cfg.weight_decay},
@@ -136,8 +200,11 @@ def train(cfg: TrainConfig, progress: bool = True, until: int | None = None) -> 
             "branch_drop": str(cfg.branch_drop),
             "entropy_floor": str(cfg.entropy_floor),
             "mask_per": cfg.mask_per,
+            "robust_mode": cfg.robust_mode,
             "seed": str(cfg.seed),
         }
+        if cfg.init is not None:
+            info["finetuned_from"] = cfg.init.name
         if val_ppl is not None:
             info["val_ppl"] = f"{val_ppl:.3f}"
         save_checkpoint(ckpt_path, model, tokenizer, info)
@@ -152,21 +219,29 @@ def train(cfg: TrainConfig, progress: bool = True, until: int | None = None) -> 
         tmp.replace(state_path)
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
-    tokens_per_step = cfg.batch_size * model.cfg.context_length
+    block = min(cfg.block_size or model.cfg.context_length, model.cfg.context_length)
+    tokens_per_step = cfg.batch_size * block
+    # The progress bar's masked figure: a fixed quarter of every layer's branches out.
+    quarter = outage_masks(model.cfg.branches, 0.25, torch.Generator().manual_seed(0))
+    masked_ppl: float | None = None
     val_ppl: float | None = None
     t0, steps_timed = time.perf_counter(), 0
+    rows = cfg.batch_size if cfg.mask_per == "sequence" else None
+
+    def draw() -> list[Tensor]:
+        return training_masks(model.cfg.branches, cfg.branch_drop, gen, rows)
+
     model.train()
     while step < last:
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        x, y = random_batch(train_stream, cfg.batch_size, model.cfg.context_length, gen)
-        masks = None
-        if cfg.branch_drop > 0:
-            rows = cfg.batch_size if cfg.mask_per == "sequence" else None
-            masks = training_masks(model.cfg.branches, cfg.branch_drop, gen, rows)
-        logits = model(x, masks=masks)
-        lm_loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        loss = lm_loss
+        x, y = random_batch(train_stream, cfg.batch_size, block, gen)
+        if cfg.robust_mode == "distill":
+            subs = [draw() for _ in range(cfg.submodels)] if cfg.branch_drop > 0 else []
+            losses = sandwich_losses(model, x, y, subs, cfg.distill_temperature)
+        else:
+            losses = dropout_losses(model, x, y, draw() if cfg.branch_drop > 0 else None)
+        lm_loss, loss = losses.labels, losses.total
         if cfg.entropy_weight > 0:
             loss = loss + cfg.entropy_weight * entropy_penalty(model, cfg.entropy_floor)
         opt.zero_grad(set_to_none=True)
@@ -181,10 +256,16 @@ def train(cfg: TrainConfig, progress: bool = True, until: int | None = None) -> 
             "tok/s": f"{steps_timed * tokens_per_step / elapsed:.0f}",
         }
         if step % cfg.eval_interval == 0 or step == cfg.steps:
-            val_ppl = perplexity(model, val_stream, max_tokens=cfg.eval_tokens)
+            val_ppl = perplexity(model, val_stream, max_tokens=cfg.eval_tokens, window=block)
+            if max(model.cfg.branches) > 1:
+                masked_ppl = perplexity(
+                    model, val_stream, quarter, max_tokens=cfg.eval_tokens, window=block
+                )
             model.train()
         if val_ppl is not None:
             postfix["val_ppl"] = f"{val_ppl:.2f}"
+        if masked_ppl is not None:
+            postfix["25%_out"] = f"{masked_ppl:.2f}"
         bar.set_postfix(postfix)
         bar.update(1)
         if step % cfg.checkpoint_interval == 0 or step == last:

@@ -77,3 +77,29 @@ def test_a_gateway_and_nodes_on_cuda_give_the_in_process_tokens(
             generate_remote(cluster.address, PROMPT, GREEDY, credentials=cluster.credentials)
         )
     assert [e.token_id for e in events] == local
+
+
+def test_a_restarted_node_of_an_imported_model_is_replayed(
+    tmp_path: Path, tiny_tokenizer: Tokenizer
+) -> None:
+    """A node killed mid-generation and started again holds no keys of the session: the
+    gateway replays the session's stored inputs into its rotary, grouped-query slices, and the
+    branches come back unmasked."""
+    path = _imported(tmp_path, tiny_tokenizer, "llama", 2)
+    cfg = SamplingConfig(max_new_tokens=150, temperature=0, stop_at_eos=False)
+    slow = ("--delay-ms", "20")  # a generation long enough to restart a node inside it
+    with LocalCluster(checkpoint=path, layout=Layout(nodes=2), node_args=slow) as cluster:
+        events = []
+        for event in generate_remote(cluster.address, PROMPT, cfg, credentials=cluster.credentials):
+            events.append(event)
+            if event.index == 3:
+                cluster.kill_node(1)
+            if event.index == 6:
+                cluster.restart_node(1)
+        metrics = cluster.gateway_metrics()
+    assert len(events) == cfg.max_new_tokens
+    lost = [max(layer.lost_weight for layer in e.layers) for e in events]
+    assert any(w > 0 for w in lost[4:]), "the killed node's branches were never masked"
+    assert lost[-1] == 0, "the restarted node's branches did not come back"
+    replays = sum(v for (name, _), v in metrics.items() if name == "mbt_cache_replays_total")
+    assert replays >= 1  # its empty caches were filled from the session's stored inputs

@@ -10,6 +10,7 @@ from mbt_core.cli.commands import (
     diagnose,
     evaluate,
     export,
+    finetune,
     generate,
     import_hf,
     keys,
@@ -23,6 +24,7 @@ from mbt_core.cli.commands import (
 COMMANDS: dict[str, ModuleType] = {
     "cluster": cluster,
     "train": train,
+    "finetune": finetune,
     "generate": generate,
     "eval": evaluate,
     "diagnostics": diagnose,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mbt_core.model.config import ModelConfig
 from mbt_core.training.data import default_corpus_path
+from mbt_core.training.objective import ROBUST_MODES
 from mbt_core.training.train import TrainConfig, train
 
 
@@ -20,8 +21,9 @@ def _branches(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected K or K,K,... got {text!r}") from None
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d, m = TrainConfig.__dataclass_fields__, ModelConfig()
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The data, optimizer, objective and evaluation flags (``mbt train`` and ``finetune``)."""
+    d = TrainConfig.__dataclass_fields__
     p.add_argument(
         "--data",
         type=Path,
@@ -71,6 +73,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="draw branch masks per step (dropped branches skipped) or per sequence",
     )
     p.add_argument(
+        "--robust-mode",
+        choices=ROBUST_MODES,
+        default=d["robust_mode"].default,
+        help="dropout: train masked models on the labels; distill: train the full model on "
+        "the labels and --submodels masked ones on its soft predictions (sandwich rule)",
+    )
+    p.add_argument(
+        "--submodels",
+        type=int,
+        default=d["submodels"].default,
+        help="masked sub-models per step under --robust-mode distill",
+    )
+    p.add_argument(
+        "--distill-temperature",
+        type=float,
+        default=d["distill_temperature"].default,
+        help="softmax temperature of the distillation KL",
+    )
+    p.add_argument(
         "--entropy-floor",
         type=float,
         default=d["entropy_floor"].default,
@@ -100,6 +121,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d["checkpoint_interval"].default,
         help="steps between checkpoints",
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def training_config(args: argparse.Namespace, **extra: object) -> TrainConfig:
+    """The TrainConfig of the shared flags; ``extra`` sets the rest (model, init, ...)."""
+    return TrainConfig(
+        data=args.data or default_corpus_path(),
+        out_dir=args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        seed=args.seed,
+        branch_drop=args.branch_drop,
+        mask_per=args.mask_per,
+        robust_mode=args.robust_mode,
+        submodels=args.submodels,
+        distill_temperature=args.distill_temperature,
+        entropy_floor=args.entropy_floor,
+        entropy_weight=args.entropy_weight,
+        eval_interval=args.eval_interval,
+        eval_tokens=args.eval_tokens,
+        checkpoint_interval=args.checkpoint_interval,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_training_arguments(p)
+    m = ModelConfig()
     p.add_argument("--vocab-size", type=int, default=m.vocab_size, help="BPE vocabulary size")
     p.add_argument("--d-model", type=int, default=m.d_model, help="model width")
     p.add_argument("--heads", type=int, default=m.n_heads, help="attention heads")
@@ -120,7 +174,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dropout", type=float, default=m.dropout, help="ordinary dropout inside blocks"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,26 +188,7 @@ def run(args: argparse.Namespace) -> int:
         blocks_per_branch=args.blocks_per_branch,
         dropout=args.dropout,
     )
-    cfg = TrainConfig(
-        data=args.data or default_corpus_path(),
-        out_dir=args.out,
-        model=model,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip,
-        seed=args.seed,
-        branch_drop=args.branch_drop,
-        mask_per=args.mask_per,
-        entropy_floor=args.entropy_floor,
-        entropy_weight=args.entropy_weight,
-        eval_interval=args.eval_interval,
-        eval_tokens=args.eval_tokens,
-        checkpoint_interval=args.checkpoint_interval,
-    )
+    cfg = training_config(args, model=model)
     path = train(cfg, progress=not args.no_progress)
     print(f"checkpoint: {path}")
     return 0

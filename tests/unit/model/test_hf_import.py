@@ -155,3 +155,32 @@ def test_a_missing_tokenizer_or_tensor_is_refused(saved, tmp_path: Path) -> None
     (bare / "config.json").write_text(json.dumps({**config, "n_layer": 3}))  # a block too many
     with pytest.raises(UnsupportedModel, match="lacks tensor"):
         import_decoder(bare, ImportOptions(branches=2))
+
+
+def test_float16_is_kept_on_disk_and_loads_as_float16(saved, tmp_path: Path) -> None:
+    folder, _ = saved["gpt_neox"]
+    out = tmp_path / "f16.safetensors"
+    assert main(["import", str(folder), "-k", "2", "--out", str(out), "--dtype", "float16",
+                 "--quiet"]) == 0  # fmt: skip
+    with safe_open(str(out), "pt") as f:
+        assert {f.get_slice(n).get_dtype() for n in list(f.keys())} == {"F16"}
+    model = load_checkpoint(out).model
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+
+
+def test_trained_configs_keep_their_bytes_and_sliced_ones_round_trip(saved) -> None:
+    """A trained float32 model's config (and so every manifest signed over it before kinds
+    existed) serializes as before; an imported one carries its kind, dtype and decoder."""
+    from mbt_core.model.config import ModelConfig
+
+    trained = ModelConfig().to_dict()
+    assert not {"kind", "dtype", "decoder"} & set(trained)
+    assert ModelConfig.from_dict(trained) == ModelConfig()
+    sliced = import_decoder(saved["llama"][0], ImportOptions(branches=2)).model.cfg
+    data = json.loads(json.dumps(sliced.to_dict()))
+    assert data["kind"] == "sliced" and data["decoder"]["rope"]["rope_type"] == "llama3"
+    assert ModelConfig.from_dict(data) == sliced
+    with pytest.raises(ValueError, match="belongs to a model of kind 'sliced'"):
+        ModelConfig.from_dict({**data, "kind": "block"})
+    with pytest.raises(ValueError, match="needs its decoder description"):
+        ModelConfig.from_dict({**data, "decoder": None})
