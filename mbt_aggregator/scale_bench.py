@@ -82,18 +82,7 @@ class ScaleShape:
             rope=RopeConfig(rotary_dim=self.d_model // self.heads),
             eos_token_id=eos,
         )
-        return ModelConfig(
-            vocab_size=self.vocab,
-            d_model=self.d_model,
-            n_heads=self.heads,
-            context_length=self.context,
-            n_layers=spec.n_mbt_layers,
-            branches=(self.branches,) * spec.n_mbt_layers,
-            eos_token_id=eos,
-            kind="sliced",
-            dtype=self.dtype,
-            decoder=spec,
-        )
+        return ModelConfig.sliced(spec, self.branches, self.context, self.dtype, eos)
 
 
 def random_checkpoint(shape: ScaleShape, path: Path) -> int:

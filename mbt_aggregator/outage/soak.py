@@ -114,10 +114,6 @@ def soak_doc() -> str:
     return __doc__ or ""
 
 
-def rss_mib(pid: int) -> float:
-    """Resident memory of ``pid`` (VmRSS), in MiB; NaN once it is gone."""
-    return memory_mib(pid)
-
 
 class _Churn(threading.Thread):
     """One fault at a time, each once the layout is whole again; always recovers."""
@@ -263,7 +259,7 @@ def run_soak(cfg: SoakConfig) -> SoakResult:
         warm = Requests()  # one round first: start RSS is after the first allocations
         asyncio.run(_clients(c, replace(cfg, clients=len(PROMPTS)), expected, 0.0, warm, 1))
         start_pids = _processes(c)
-        start_rss = {name: rss_mib(pid) for name, pid in start_pids.items()}
+        start_rss = {name: memory_mib(pid) for name, pid in start_pids.items()}
         t0 = time.perf_counter()
         churn = _Churn(c, cfg, t0)
         churn.start()
@@ -294,7 +290,7 @@ def run_soak(cfg: SoakConfig) -> SoakResult:
         rss = {
             name: {
                 "start": start_rss[name],
-                "end": rss_mib(pid),
+                "end": memory_mib(pid),
                 "restarted": pid != start_pids[name],
             }
             for name, pid in end_pids.items()

@@ -108,6 +108,24 @@ class ModelConfig:
         for k in set(self.branches):
             spec.check_split(k)
 
+    @classmethod
+    def sliced(
+        cls, spec: DecoderSpec, branches: int, context_length: int, dtype: str, eos: int
+    ) -> ModelConfig:
+        """The MBT of decoder ``spec`` cut into ``branches`` per layer."""
+        return cls(
+            vocab_size=spec.vocab_size,
+            d_model=spec.d_model,
+            n_heads=spec.n_heads,
+            context_length=context_length,
+            n_layers=spec.n_mbt_layers,
+            branches=(branches,) * spec.n_mbt_layers,
+            eos_token_id=eos,
+            kind="sliced",
+            dtype=dtype,
+            decoder=spec,
+        )
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads if self.decoder is None else self.decoder.head_dim

@@ -232,18 +232,7 @@ def _config(spec: DecoderSpec, options: ImportOptions, dtype: torch.dtype, eos: 
         )
     name = str(dtype).removeprefix("torch.")
     try:
-        return ModelConfig(
-            vocab_size=spec.vocab_size,
-            d_model=spec.d_model,
-            n_heads=spec.n_heads,
-            context_length=context,
-            n_layers=spec.n_mbt_layers,
-            branches=(options.branches,) * spec.n_mbt_layers,
-            eos_token_id=eos,
-            kind="sliced",
-            dtype=name,
-            decoder=spec,
-        )
+        return ModelConfig.sliced(spec, options.branches, context, name, eos)
     except ValueError as exc:
         raise UnsupportedModel(str(exc)) from None
 
@@ -281,7 +270,7 @@ def _block_state(
 ) -> dict[str, Tensor]:
     """The branches' tensors of block ``n``: every branch holds a copy of the norms it reads."""
     k = cfg.branches[0]
-    attention, mlp = dense_shapes(spec)
+    attention, mlp = dense_shapes(spec, k)
     attn_pieces = split_attention(block.attention, attention, k)
     mlp_pieces = split_mlp(block.mlp, mlp, k)
     layers = (n, n) if spec.parallel_residual else (2 * n, 2 * n + 1)

@@ -228,20 +228,11 @@ class DenseMLP:
     down_bias: Tensor | None = None
 
 
-def split_attention(dense: DenseAttention, shape: AttentionShape, k: int) -> list[AttentionSlice]:
-    """K slices of whole KV groups; ``shape`` is the dense attention's, each slice gets 1/K."""
-    if shape.n_kv_heads % k:
-        raise ValueError(f"{k} branches do not divide {shape.n_kv_heads} KV head groups")
-    part = AttentionShape(
-        shape.d_model,
-        shape.n_heads // k,
-        shape.n_kv_heads // k,
-        shape.head_dim,
-        shape.qkv_bias,
-        shape.out_bias,
-        shape.rope,
-    )
-    q_rows, kv_rows = part.n_heads * shape.head_dim, part.n_kv_heads * shape.head_dim
+def split_attention(dense: DenseAttention, part: AttentionShape, k: int) -> list[AttentionSlice]:
+    """K slices of whole KV groups, each of shape ``part`` (:func:`dense_shapes` with K)."""
+    if dense.k.shape[0] != k * part.n_kv_heads * part.head_dim:
+        raise ValueError(f"{k} slices of {part.n_kv_heads} KV heads do not cover this attention")
+    q_rows, kv_rows = part.n_heads * part.head_dim, part.n_kv_heads * part.head_dim
     slices = []
     for i in range(k):
         piece = AttentionSlice(part).to(dense.q.dtype)
@@ -256,12 +247,12 @@ def split_attention(dense: DenseAttention, shape: AttentionShape, k: int) -> lis
     return slices
 
 
-def split_mlp(dense: DenseMLP, shape: MLPShape, k: int) -> list[MLPSlice]:
-    """K slices of contiguous neurons; the down projection's bias is shared out 1/K each."""
-    if shape.neurons % k:
-        raise ValueError(f"{k} branches do not divide {shape.neurons} MLP neurons")
-    rows = shape.neurons // k
-    part = MLPShape(shape.d_model, rows, shape.activation, shape.gated, shape.bias)
+def split_mlp(dense: DenseMLP, part: MLPShape, k: int) -> list[MLPSlice]:
+    """K slices of ``part.neurons`` contiguous neurons each; the down projection's bias is
+    shared out 1/K each."""
+    rows = part.neurons
+    if dense.up.shape[0] != k * rows:
+        raise ValueError(f"{k} slices of {rows} neurons do not cover this MLP")
     slices = []
     for i in range(k):
         piece = MLPSlice(part).to(dense.up.dtype)

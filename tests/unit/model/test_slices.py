@@ -32,7 +32,7 @@ def test_a_ragged_batch_of_sessions_in_slots_equals_each_alone() -> None:
     torch.manual_seed(5)
     model = llama().eval()
     spec = spec_from_config(model.config.to_dict())
-    attention, _ = dense_shapes(spec)
+    attention, _ = dense_shapes(spec, 2)
     a = model.model.layers[0].self_attn
     dense = _llama_attention(a)
     piece = split_attention(dense, attention, 2)[1]  # 4 query heads over 2 KV heads
