@@ -8,17 +8,22 @@
 
 Health checks pass every guard, so probes need no token (with ``cert`` the handshake still
 needs a cluster certificate: any role will do).
+
+:class:`HttpGuard` applies the same rules to the HTTP API (``--http-listen``), whose TLS
+demands a client certificate in the same mode (:mod:`mbt_aggregator.http_server`).
 """
 
 from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import grpc
 
-from mbt_core.trust.certs import TlsMaterial
+from mbt_core.errors import CertificateError
+from mbt_core.trust.certs import TlsMaterial, certificate_role
 from mbt_core.trust.config import read_token
 from mbt_core.wire.server import Check, Guard, role_check
 
@@ -70,3 +75,42 @@ def token_check(token: str) -> Check:
             )
 
     return check
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int  # HTTP: 401 (no or a wrong token) or 403 (a certificate of the wrong role)
+    message: str
+
+
+class HttpGuard:
+    """``auth`` for HTTP requests: the gRPC guards' rules, given the ``Authorization`` header
+    and the peer's verified certificate (DER; the TLS handshake already checked its chain)."""
+
+    def __init__(self, auth: ApiAuth) -> None:
+        self.mode = auth.mode
+        token = read_token(auth.token_file) if auth.token_file is not None else None
+        self._expected = None if token is None else f"Bearer {token}".encode()
+
+    def check(self, authorization: str, cert_der: bytes | None) -> Refusal | None:
+        if self._expected is not None:
+            if not hmac.compare_digest(authorization.encode(), self._expected):
+                return Refusal(401, "this gateway needs 'Authorization: Bearer <token>'")
+        elif self.mode == "cert":
+            role = _role(cert_der or b"")
+            if role not in CLIENT_ROLES:
+                return Refusal(
+                    403,
+                    f"a {role or 'role-less'} certificate may not use the gateway API; only "
+                    f"{', '.join(sorted(CLIENT_ROLES))} certificates may (mbt certs issue "
+                    "--role client)",
+                )
+        return None
+
+
+@lru_cache(maxsize=256)
+def _role(der: bytes) -> str | None:
+    try:
+        return certificate_role(der) if der else None
+    except CertificateError:
+        return None

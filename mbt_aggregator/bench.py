@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -177,11 +176,9 @@ def _widened(d_model: int, root: Path) -> Path:
     """An untrained model of the shipped layout, ``d_model`` wide: for payload sizes other than
     the shipped model's (timings only, its text is noise)."""
     shipped = load_checkpoint(None)
-    heads = shipped.model.cfg.n_heads
-    if d_model <= 0 or d_model % heads:
-        raise ValueError(f"--d-model must be a positive multiple of {heads} (the heads)")
+    cfg = shipped.model.cfg.widened(d_model)
     torch.manual_seed(0)
-    model = MBTLanguageModel(replace(shipped.model.cfg, d_model=d_model)).eval()
+    model = MBTLanguageModel(cfg).eval()
     path = root / f"untrained-d{d_model}.safetensors"
     save_checkpoint(path, model, shipped.tokenizer, {"note": "untrained, for benchmarks"})
     return path

@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_tls_arguments(p)
     p.add_argument("--listen", default="127.0.0.1:7070", help="gateway gRPC address")
     p.add_argument(
+        "--http-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="also serve the OpenAI-compatible HTTP API here (/v1/completions, "
+        "/v1/chat/completions, /v1/models), with the same auth and TLS as the gRPC API "
+        "(default: off)",
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         default=9109,
@@ -207,6 +215,7 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         trust=trust_config_from_args(args),
         state_file=args.state_file,
         listen=args.listen,
+        http_listen=args.http_listen,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         peers=args.peers,

@@ -43,6 +43,7 @@ class AggregatorConfig:
     trust: TrustConfig  # who may sign the manifest and the roster: keys, or a trust root
     state_file: Path | None = None
     listen: str = "127.0.0.1:7070"
+    http_listen: str | None = None  # the OpenAI-compatible HTTP API; None: off
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9109  # 0 picks a free port; -1 disables the endpoint
     peers: tuple[str, ...] = ()
@@ -74,3 +75,15 @@ class AggregatorConfig:
             raise ValueError(f"--wire-dtype must be one of {', '.join(WIRE_DTYPES)}")
         if not self.mdns and not self.peers:
             raise ValueError("with --no-mdns, give the nodes with --peers HOST:PORT,...")
+        if self.http_listen is not None:
+            split_host_port(self.http_listen, "--http-listen")
+
+
+def split_host_port(address: str, flag: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT`` for IPv6; port 0: a free one) as (host, port), or a
+    ``ValueError`` that names ``flag``."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535 or "[" in host:
+        raise ValueError(f"{flag} must be HOST:PORT (port 0..65535, [::1]:PORT), got {address!r}")
+    return host, int(port)

@@ -20,6 +20,7 @@ from mbt_aggregator.defense import Defense
 from mbt_aggregator.fanout import Fanout, Part
 from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.policy import FanoutPolicy
+from mbt_aggregator.recent import BranchOutcomes
 from mbt_aggregator.registry import Registry
 from mbt_aggregator.reports import LayerReport, StepResult
 from mbt_aggregator.session import Ender, LayerInputs, LayerPass, Session, SessionSlots
@@ -69,6 +70,7 @@ class BranchState:
     branch: int
     live_replicas: int
     weight: float  # its alpha in the trunk
+    recent: BranchOutcomes | None = None  # over the recent steps; None before the first
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class Engine:
         self.ender = Ender(registry)
         metrics.watch(quarantined=registry.quarantined_count, unended=lambda: self.ender.pending)
         self._policy = repr(policy)
+        self._recent = metrics.recent
         with torch.no_grad():
             self._alphas = [layer.weights().detach().cpu() for layer in trunk.layers]
         self.fanout = Fanout(registry, policy, aggregation, self.defense, metrics, self._alphas)
@@ -280,8 +283,9 @@ class Engine:
 
     def status(self) -> EngineStatus:
         """What the gateway's Status reports: the nodes as the registry sees them, each
-        branch's live replicas and weight, the fan-out policy."""
+        branch's live replicas, weight and recent outcomes, the fan-out policy."""
         registry = self.registry
+        recent = self._recent.outcomes()
         nodes = tuple(
             NodeState(
                 node_id=n.node_id,
@@ -293,7 +297,9 @@ class Engine:
             for n in registry.nodes
         )
         branches = tuple(
-            BranchState(lay, b, registry.live_replicas((lay, b)), float(alpha[b]))
+            BranchState(
+                lay, b, registry.live_replicas((lay, b)), float(alpha[b]), recent.get((lay, b))
+            )
             for lay, alpha in enumerate(self._alphas)
             for b in range(alpha.numel())
         )

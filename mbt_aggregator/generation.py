@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -70,7 +70,7 @@ async def forward_layers(
     return await engine.run_token(session, ids, position)
 
 
-async def read_ahead(source: AsyncIterator[T], depth: int) -> AsyncIterator[T]:
+async def read_ahead(source: AsyncIterator[T], depth: int) -> AsyncGenerator[T, None]:
     """``source``'s items, produced by a task of their own up to ``depth`` ahead of the
     consumer: a generation goes on with its next token while the last one is being sent (a
     stream write waits for its completion). The source's exception is raised here in order;
@@ -183,6 +183,7 @@ class TextEvent:
     text: str
     layers: tuple[LayerReport, ...]
     seconds: float
+    prompt_tokens: int = 0  # the prompt's length as encoded (what the HTTP API counts in usage)
 
 
 class Gateway:
@@ -192,8 +193,10 @@ class Gateway:
         self, engine: Engine, tokenizer: Tokenizer, limits: GatewayLimits, metrics: Metrics
     ) -> None:
         self.engine, self.tokenizer, self.limits, self.metrics = engine, tokenizer, limits, metrics
+        for reason in FAILURE_REASON.values():  # every series from the start, at 0
+            metrics.requests_failed.labels(reason=reason)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TextEvent]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[TextEvent, None]:
         """The tokens of ``request``, one event each, timed (first token, every token)."""
         metrics = self.metrics
         with self._counted():
@@ -211,7 +214,9 @@ class Gateway:
                     produced.append(event.token)
                     full = self.tokenizer.decode(produced)
                     text, shown = full[len(shown) :], full
-                yield TextEvent(event.index, event.token, text, event.layers, event.seconds)
+                yield TextEvent(
+                    event.index, event.token, text, event.layers, event.seconds, len(prompt)
+                )
 
     async def score(self, text: str, return_logprobs: bool = False) -> ScoreResult:
         """``text`` scored as ``mbt eval`` scores it (see :func:`score`)."""
@@ -244,6 +249,8 @@ class Gateway:
                 top_p=request.top_p,
                 seed=request.seed,
             )
+            if not 0 <= request.seed < 1 << 64:
+                raise ValueError(f"seed must be in 0..2**64-1, got {request.seed}")
             prompt = self.tokenizer.encode(request.prompt)
         except ValueError as exc:  # the sampling settings' own checks, too
             raise InvalidRequest(str(exc)) from exc

@@ -185,7 +185,7 @@ class Membership:
             log.info("node at %s answers again (%d failed tries)", address, watched.failures)
         watched.failures, watched.down_since, watched.reason = 0, None, ""
         self._health_failures[node.node_id] = 0
-        self.metrics.nodes_admitted.inc()
+        self.metrics.admitted(node.node_id, node.branches)
         self.changed.set()
         log.info(
             "admitted node %s at %s serving %s",

@@ -6,14 +6,32 @@ reason), never a session id.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mbt_aggregator.recent import RecentSteps
+
 # What Membership counts besides admissions and rejections (each series exists from the start).
 MEMBERSHIP_EVENTS = ("id_conflict", "goodbye_ignored", "displaced", "reinstated")
+CALL_OUTCOMES = ("ok", "timeout", "error", "rejected")  # of one branch call (mbt_branch_calls)
+# Why a candidate node is refused (admission.py, identity.py, membership.py): each series
+# exists from the start, so the first refusal raises increase() above 0.
+REJECTION_REASONS = (
+    "unreachable",
+    "tls",
+    "identity",
+    "roster",
+    "not_allowed",
+    "protocol",
+    "model",
+    "manifest",
+    "shape",
+    "artifact",
+    "conflict",
+)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
@@ -21,7 +39,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self._branch_series: dict[tuple[int, int, str, str], tuple[Any, Any]] = {}
-        self._layer_series: dict[int, tuple[Any, Any, Any]] = {}
+        self._layer_series: dict[int, tuple[Any, Any]] = {}
         r = registry
         self.branch_latency = Histogram(
             "mbt_branch_call_seconds",
@@ -63,12 +81,6 @@ class Metrics:
             "mbt_masked_branches_total",
             "Branches left out of a layer step",
             ["layer", "branch", "reason"],
-            registry=r,
-        )
-        self.lost_weight = Gauge(
-            "mbt_lost_weight_ratio",
-            "Aggregation weight renormalized away in the last step",
-            ["layer"],
             registry=r,
         )
         self.quorum_failures = Counter(
@@ -132,6 +144,8 @@ class Metrics:
         self.nodes_rejected = Counter(
             "mbt_nodes_rejected_total", "Candidate nodes refused", ["reason"], registry=r
         )
+        for reason in REJECTION_REASONS:
+            self.nodes_rejected.labels(reason=reason)
         self.live_replicas = Gauge(
             "mbt_live_replicas", "Usable replicas per branch", ["layer", "branch"], registry=r
         )
@@ -160,17 +174,27 @@ class Metrics:
             "Sessions whose end a node has not confirmed yet (retried in the background)",
             registry=r,
         )
-        self.width = Gauge(
-            "mbt_width_diagnostic",
-            "Width diagnostics of each layer's aggregation weights",
-            ["layer", "name"],
-            registry=r,
-        )
+        # Width used, lost weight, outcomes per branch: over recent steps (mbt_width_diagnostic,
+        # mbt_lost_weight_total, mbt_lost_weight_ratio), and for the Status RPC.
+        self.recent = RecentSteps()
+        r.register(self.recent)
 
     def watch(self, quarantined: Callable[[], int], unended: Callable[[], int]) -> None:
         """The gauges read at each scrape: nodes in quarantine, sessions not ended yet."""
         self.quarantined_nodes.set_function(quarantined)
         self.unended_sessions.set_function(unended)
+
+    def admitted(self, node_id: str, branches: Iterable[tuple[int, int]]) -> None:
+        """A node joins: its series exist from now on, at 0, so that its first failed call
+        or replay raises ``rate()`` (and the alerts on it can be evaluated before)."""
+        self.nodes_admitted.inc()
+        node = node_id[:16]
+        self.replays.labels(node=node)
+        for layer, branch in branches:
+            for outcome in CALL_OUTCOMES:
+                self.branch_calls.labels(
+                    layer=str(layer), branch=str(branch), node=node, outcome=outcome
+                )
 
     def branch_call(
         self, layer: int, branch: int, node_id: str, outcome: str, seconds: float | None = None
@@ -194,16 +218,14 @@ class Metrics:
         self._sent.inc(sent)
         self._received.inc(sum(t.numel() for t in received.values()) * dtype.itemsize)
 
-    def layer_step(self, layer: int, seconds: float, lost_weight: float, steps: int) -> None:
+    def layer_step(self, layer: int, seconds: float, steps: int) -> None:
         """One layer step of ``steps`` batched session steps (series kept, as for calls)."""
         series = self._layer_series.get(layer)
         if series is None:
             labels = {"layer": str(layer)}
             series = self._layer_series[layer] = (
                 self.layer_latency.labels(**labels),
-                self.lost_weight.labels(**labels),
                 self.batch_steps.labels(**labels),
             )
         series[0].observe(seconds)
-        series[1].set(lost_weight)
-        series[2].observe(steps)
+        series[1].observe(steps)

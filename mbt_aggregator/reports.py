@@ -11,16 +11,18 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
-from mbt_aggregator.metrics import Metrics
 from mbt_aggregator.policy import Collected
 from mbt_aggregator.registry import Node
 from mbt_core.errors import QuorumNotReached
 from mbt_core.model.aggregate import Aggregated
+
+if TYPE_CHECKING:  # the metrics keep recent reports (mbt_aggregator.recent): no import cycle
+    from mbt_aggregator.metrics import Metrics
 
 OK, MASKED, REJECTED = "ok", "masked", "rejected"
 Pattern = tuple[tuple[bool, ...], tuple[bool, ...]]  # per branch: accepted, rejected
@@ -68,12 +70,20 @@ def _per_step(mask: Tensor, rows: list[int], reduce: Callable[..., bool]) -> lis
 
 class Reports:
     """Builds a layer step's reports and counts them: masked and rejected branches, hedges,
-    quorum failures, the step's latency and lost weight."""
+    quorum failures, the step's latency, and the recent steps (width used, lost weight)."""
 
     def __init__(self, metrics: Metrics, min_branches: int, weights: list[dict[int, float]]):
         self.metrics = metrics
         self._min_branches = min_branches
         self._weights = weights
+        for layer, alpha in enumerate(weights):  # every series from the start, at 0
+            metrics.recent.declare(layer, alpha)
+            metrics.quorum_failures.labels(layer=str(layer))
+            for b in alpha:
+                labels = {"layer": str(layer), "branch": str(b)}
+                metrics.hedges.labels(**labels)
+                for reason in (MASKED, REJECTED):
+                    metrics.masked.labels(**labels, reason=reason)
 
     def quorum_failed(self, layer: int, steps: int = 1) -> None:
         self.metrics.quorum_failures.labels(layer=str(layer)).inc(steps)
@@ -127,9 +137,12 @@ class Reports:
                     strict=True,
                 )
             )
-        made = {p: self._report(layer, got, p, elapsed, n) for p, n in Counter(patterns).items()}
-        lost = [r.lost_weight for r in made.values() if isinstance(r, LayerReport)]
-        self.metrics.layer_step(layer, elapsed, max(lost, default=1.0), len(rows))
+        shared = Counter(patterns)
+        made = {p: self._report(layer, got, p, elapsed, n) for p, n in shared.items()}
+        for pattern, report in made.items():
+            if isinstance(report, LayerReport):
+                self.metrics.recent.record(report, shared[pattern])
+        self.metrics.layer_step(layer, elapsed, len(rows))
         results: list[StepResult] = []
         offset = 0
         for n, pattern in zip(rows, patterns, strict=True):
@@ -177,6 +190,6 @@ class Reports:
                     latency_s=answer.seconds if answer else got.elapsed_s,
                 )
             )
-        weights = self._weights[layer]
-        lost = 1.0 - sum(weights[b] for b, ok in enumerate(accepted) if ok)
+        weights = self._weights[layer]  # lost: what was left out (exactly 0 when nothing was)
+        lost = sum(weights[b] for b, ok in enumerate(accepted) if not ok)
         return LayerReport(layer, tuple(reports), elapsed, lost)

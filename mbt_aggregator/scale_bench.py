@@ -35,9 +35,8 @@ from mbt_core.cluster.local import Layout, LocalCluster
 from mbt_core.cluster.process import memory_mib
 from mbt_core.model.checkpoint import load_checkpoint, save_checkpoint
 from mbt_core.model.config import STORAGE_DTYPES, ModelConfig
-from mbt_core.model.decoder import DecoderSpec
+from mbt_core.model.decoder import swiglu_decoder
 from mbt_core.model.lm import MBTLanguageModel
-from mbt_core.model.rope import RopeConfig
 from mbt_core.model.sampling import SamplingConfig, generate
 from mbt_core.wire.gateway_client import generate_remote
 
@@ -59,27 +58,16 @@ class ScaleShape:
     context: int = 512  # what each node reserves per session
 
     def config(self, eos: int) -> ModelConfig:
-        spec = DecoderSpec(
-            model_type="llama",
-            vocab_size=self.vocab,
-            d_model=self.d_model,
-            n_blocks=self.blocks,
-            n_heads=self.heads,
-            n_kv_heads=self.kv_heads,
-            head_dim=self.d_model // self.heads,
-            intermediate_size=self.intermediate,
-            context_length=self.context,
-            norm="rmsnorm",
-            norm_eps=1e-5,
-            norm_bias=False,
-            qkv_bias=False,
-            out_bias=False,
-            mlp_bias=False,
-            activation="silu",
-            gated_mlp=True,
+        spec = swiglu_decoder(
+            self.vocab,
+            self.d_model,
+            self.heads,
+            self.blocks,
+            self.intermediate,
+            self.context,
+            kv_heads=self.kv_heads,
             parallel_residual=False,
             tied_embeddings=False,
-            rope=RopeConfig(rotary_dim=self.d_model // self.heads),
             eos_token_id=eos,
         )
         return ModelConfig.sliced(spec, self.branches, self.context, self.dtype, eos)

@@ -2,7 +2,9 @@
 
 Order: the manifest is verified (signatures, expiry, rollback) and the trunk loaded, or the
 process stops with a clear message; membership starts (static peers, mDNS); the gRPC gateway
-and the Prometheus endpoint start; SIGTERM or SIGINT stops in reverse order.
+and the Prometheus endpoint start, and with ``--http-listen`` the OpenAI-compatible HTTP API
+(:mod:`mbt_aggregator.http_server`, in this event loop, over the same request layer); SIGTERM
+or SIGINT stops in reverse order.
 
 With TLS, the gateway reaches nodes over mutual TLS with its aggregator certificate and admits
 a node only under the id its certificate proves (:mod:`mbt_aggregator.identity`); a signed
@@ -25,27 +27,29 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from mbt_aggregator.admission import Expectation
-from mbt_aggregator.auth import api_guards, server_credentials
+from mbt_aggregator.auth import HttpGuard, api_guards, server_credentials
 from mbt_aggregator.browse import MdnsBrowser
+from mbt_aggregator.chat import ChatTemplate
 from mbt_aggregator.config import AggregatorConfig
 from mbt_aggregator.defense import Defense
 from mbt_aggregator.engine import Engine
 from mbt_aggregator.generation import Gateway
+from mbt_aggregator.http_server import HttpServer, PeerCertificates, bind
 from mbt_aggregator.identity import ClusterTls
 from mbt_aggregator.membership import Membership
 from mbt_aggregator.metrics import Metrics
+from mbt_aggregator.openai_api import OpenAiApi, ServedModel
 from mbt_aggregator.registry import Registry
 from mbt_aggregator.servicer import GatewayServicer
 from mbt_core.artifacts.load import load_trunk, load_verified_manifest, trunk_model
 from mbt_core.artifacts.manifest import manifest_digest
 from mbt_core.cli.service import settle_heap, stop_on_signals, warn_plaintext
 from mbt_core.devices import open_device
-from mbt_core.training.diagnostics import weight_stats
 from mbt_core.trust.roster import load_roster
 from mbt_core.wire.codec import DTYPES
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
-from mbt_core.wire.server import MalformedRequests, PerClientLimit
+from mbt_core.wire.server import ClientSlots, MalformedRequests, PerClientLimit
 
 log = logging.getLogger("mbt_aggregator")
 SERVICE_NAME = gw.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -71,10 +75,6 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
     registry = Registry()
     defense = Defense(cfg.defense, manifest.norm_bounds())
     engine = Engine(trunk, registry, cfg.policy, cfg.aggregation, metrics, cfg.gather, defense)
-    with torch.no_grad():
-        for layer, block in enumerate(trunk.layers):
-            for name, value in weight_stats(block.weights()).items():
-                metrics.width.labels(layer=str(layer), name=name).set(value)
     membership = Membership(
         registry,
         Expectation.from_manifest(manifest, cfg.allowed_node_ids, roster),
@@ -87,7 +87,8 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
     )
     browser = MdnsBrowser(cfg.interface, membership.offer, membership.lost) if cfg.mdns else None
 
-    per_client = PerClientLimit(cfg.limits.max_requests_per_client, f"/{SERVICE_NAME}/")
+    slots = ClientSlots(cfg.limits.max_requests_per_client)  # one limit for gRPC and HTTP
+    per_client = PerClientLimit(slots, f"/{SERVICE_NAME}/")
     server = grpc.aio.server(
         interceptors=[*guards, MalformedRequests(), per_client],
         maximum_concurrent_rpcs=cfg.limits.max_concurrent_rpcs,
@@ -113,6 +114,20 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
         port = server.add_insecure_port(cfg.listen)
     if port == 0:
         raise OSError(f"cannot listen on {cfg.listen}")
+    http = None
+    if cfg.http_listen is not None:  # bound now: a taken port stops the start here
+        certs = PeerCertificates()
+        api = OpenAiApi(
+            gateway,
+            ServedModel(manifest.model_id, int(manifest.created_at.timestamp())),
+            ChatTemplate.from_info(trunk_files.info),
+            HttpGuard(cfg.api_auth),
+            slots,
+            cfg.limits,
+            certs.get,
+        )
+        tls = cfg.tls if cluster_tls is not None else None
+        http = HttpServer(api.app(), bind(cfg.http_listen), tls, cfg.api_auth.mode == "cert", certs)
     httpd = None
     metrics_note = "metrics off"
     if cfg.metrics_port >= 0:
@@ -123,6 +138,9 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
         await browser.start()
     gauge_task = asyncio.create_task(_replica_gauges(engine, metrics))
     await server.start()
+    if http is not None:
+        await http.start()
+        metrics_note += f", OpenAI API on {http.url}"
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     host = cfg.listen.rsplit(":", 1)[0]
@@ -141,7 +159,7 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
         for service in ("", SERVICE_NAME):
             await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         gauge_task.cancel()
-        await server.stop(5.0)
+        await asyncio.gather(server.stop(5.0), *([http.stop()] if http is not None else []))
         await engine.close()
         if browser is not None:
             await browser.stop()

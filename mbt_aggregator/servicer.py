@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from mbt_aggregator.engine import Engine
+from mbt_aggregator.engine import BranchState, Engine
 from mbt_aggregator.generation import Gateway, GenerateRequest, read_ahead
 from mbt_aggregator.reports import MASKED, OK, REJECTED, LayerReport
 from mbt_core.artifacts.manifest import Manifest
@@ -127,10 +127,17 @@ class GatewayServicer(gw_grpc.GatewayServiceServicer):
                 )
                 for n in status.nodes
             ],
-            branches=[
-                gw.BranchStatus(
-                    layer=s.layer, branch=s.branch, live_replicas=s.live_replicas, weight=s.weight
-                )
-                for s in status.branches
-            ],
+            branches=[branch_status(s) for s in status.branches],
         )
+
+
+def branch_status(s: BranchState) -> gw.BranchStatus:
+    out = gw.BranchStatus(
+        layer=s.layer, branch=s.branch, live_replicas=s.live_replicas, weight=s.weight
+    )
+    if s.recent is not None:
+        out.last_outcome = _OUTCOMES[s.recent.last]
+        out.recent_ok = s.recent.counts[OK]
+        out.recent_masked = s.recent.counts[MASKED]
+        out.recent_rejected = s.recent.counts[REJECTED]
+    return out

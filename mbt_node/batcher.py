@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -55,8 +56,11 @@ class BranchBatcher:
         store: SessionStore,
         executor: ThreadPoolExecutor,
         cfg: BatchingConfig,
+        observe: Callable[[int, float], None] | None = None,
     ) -> None:
+        """``observe(steps, seconds)`` is told every batched forward that succeeded."""
         self.key = key
+        self._observe = observe
         self._branch = branch
         self._store = store
         self._executor = executor
@@ -152,7 +156,10 @@ class BranchBatcher:
                 out = self._branch.forward_ragged(inputs, caches, [s.length for s in steps])
         finally:
             self._store.finish(caches)
-        return BranchResult(out, time.perf_counter() - t0, len(steps))
+        result = BranchResult(out, time.perf_counter() - t0, len(steps))
+        if self._observe is not None:
+            self._observe(result.batch_steps, result.compute_seconds)
+        return result
 
     def _execute(self, batch: list[_Job]) -> list[BranchResult | BaseException]:
         """On the torch thread: reserve caches, run one batched forward, split the outputs."""
@@ -183,6 +190,8 @@ class BranchBatcher:
                     outcomes[i] = exc
             else:
                 elapsed = time.perf_counter() - t0
+                if self._observe is not None:
+                    self._observe(len(lengths), elapsed)
                 pieces = out.split([job.inputs.shape[0] for job in jobs])
                 for (i, _), piece in zip(run, pieces, strict=True):
                     outcomes[i] = BranchResult(piece, elapsed, len(lengths))

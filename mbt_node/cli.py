@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=int,
         default=-1,
-        help="Prometheus /metrics port (refusals, evictions, sessions; 0: a free port, -1: off)",
+        help="Prometheus /metrics port (batches, compute time, refusals, sessions; 0: a free "
+        "port, -1: off)",
     )
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)

@@ -19,6 +19,7 @@ from mbt_core.wire.contract import BranchKey
 from mbt_core.wire.discovery import NodeRecord
 from mbt_node.batcher import BranchBatcher
 from mbt_node.config import NodeConfig
+from mbt_node.metrics import NodeMetrics
 from mbt_node.sessions import SessionStore
 
 log = logging.getLogger("mbt_node")
@@ -91,8 +92,9 @@ def compute_dtype(cfg: NodeConfig, manifest: Manifest) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_runtime(cfg: NodeConfig, manifest: Manifest) -> NodeRuntime:
-    """Load only the served branches, each hash-checked as it is read; blocking."""
+def load_runtime(cfg: NodeConfig, manifest: Manifest, metrics: NodeMetrics) -> NodeRuntime:
+    """Load only the served branches, each hash-checked as it is read; blocking. Their
+    batches are observed in ``metrics``, and so is the session store."""
     torch.set_num_threads(cfg.torch_threads)
     node_id = node_identity(cfg)
     dtype = compute_dtype(cfg, manifest)
@@ -111,7 +113,11 @@ def load_runtime(cfg: NodeConfig, manifest: Manifest) -> NodeRuntime:
     }
     store = SessionStore(cfg.limits, context, lambda k: pools[k].new_cache())
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
-    batchers = {k: BranchBatcher(k, b, store, executor, cfg.batching) for k, b in branches.items()}
+    batchers = {
+        k: BranchBatcher(k, b, store, executor, cfg.batching, metrics.branch(k))
+        for k, b in branches.items()
+    }
+    metrics.watch(store)
     return NodeRuntime(
         cfg, manifest, manifest_digest(manifest), node_id, branches, store, batchers, executor
     )

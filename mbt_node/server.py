@@ -30,9 +30,9 @@ from mbt_core.wire.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
 from mbt_core.wire.server import MalformedRequests
 from mbt_node.advertise import Advertiser
 from mbt_node.config import NodeConfig
-from mbt_node.metrics import node_registry
+from mbt_node.metrics import NodeMetrics
 from mbt_node.runtime import NodeRuntime, load_runtime, verify_manifest
-from mbt_node.servicer import BranchServicer
+from mbt_node.servicer import STATUS_OF, BranchServicer
 from mbt_node.tls import caller_guard, server_credentials
 
 log = logging.getLogger("mbt_node")
@@ -61,7 +61,8 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
             ("grpc.max_send_message_length", max_bytes),
         ],
     )
-    servicer = BranchServicer()
+    metrics = NodeMetrics(STATUS_OF)  # counted always, served with --metrics-port
+    servicer = BranchServicer(metrics)
     pb_grpc.add_BranchServiceServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -85,14 +86,15 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
     advertiser: Advertiser | None = None
     httpd = None
     try:
-        runtime = await loop.run_in_executor(None, load_runtime, cfg, manifest)
+        runtime = await loop.run_in_executor(None, load_runtime, cfg, manifest, metrics)
         for batcher in runtime.batchers.values():
             batcher.start()
         servicer.runtime = runtime
         metrics_note = ""
         if cfg.metrics_port >= 0:
-            registry = node_registry(runtime.store)
-            httpd, _ = start_http_server(cfg.metrics_port, cfg.metrics_host, registry=registry)
+            httpd, _ = start_http_server(
+                cfg.metrics_port, cfg.metrics_host, registry=metrics.registry
+            )
             metrics_note = f", metrics on http://{cfg.metrics_host}:{httpd.server_port}/metrics"
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
         if cfg.advertise:

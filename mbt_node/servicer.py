@@ -44,6 +44,7 @@ from mbt_core.wire.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
 from mbt_node.batcher import BranchResult
 from mbt_node.errors import BranchNotServed, InvalidRequest, NodeLoading
 from mbt_node.faults import corrupt
+from mbt_node.metrics import NodeMetrics
 from mbt_node.runtime import NodeRuntime
 from mbt_node.sessions import MAX_SECRET_BYTES, MIN_SECRET_BYTES, Caller
 
@@ -63,6 +64,11 @@ STATUS_OF: dict[type[MbtError], grpc.StatusCode] = {
 REFUSALS = tuple(STATUS_OF)  # what a call may raise on purpose; anything else is a bug
 
 
+def refusal_kind(err: MbtError) -> type[MbtError]:
+    """The nearest class of ``err`` in :data:`STATUS_OF`: what decides its code and label."""
+    return next(c for c in type(err).__mro__ if c in STATUS_OF)
+
+
 class Status(NamedTuple):
     code: grpc.StatusCode
     details: str
@@ -72,7 +78,7 @@ class Status(NamedTuple):
 def status_of(err: MbtError) -> Status:
     """The gRPC form of a refusal: the code of its nearest class in :data:`STATUS_OF`, and for
     a cache behind the step, its length in the ``mbt-cache-length`` trailer."""
-    code = next(STATUS_OF[c] for c in type(err).__mro__ if c in STATUS_OF)
+    code = STATUS_OF[refusal_kind(err)]
     trailers = ((CACHE_LENGTH_METADATA, str(err.length)),) if isinstance(err, CacheBehind) else ()
     return Status(code, str(err), trailers)
 
@@ -101,11 +107,17 @@ def _certified(pem: bytes) -> Caller:
 
 
 class BranchServicer(pb_grpc.BranchServiceServicer):
-    """Answers UNAVAILABLE until ``runtime`` is set (the node is still loading)."""
+    """Answers UNAVAILABLE until ``runtime`` is set (the node is still loading); counts every
+    refusal in ``metrics``."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: NodeMetrics) -> None:
         self.runtime: NodeRuntime | None = None
         self.draining = asyncio.Event()  # set on SIGTERM: open streams end once idle
+        self.metrics = metrics
+
+    async def _abort(self, context: grpc.aio.ServicerContext, err: MbtError) -> NoReturn:
+        self.metrics.refused(refusal_kind(err))
+        await abort(context, err)
 
     def _ready(self) -> NodeRuntime:
         if self.runtime is None:
@@ -118,7 +130,7 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
         try:
             rt = self._ready()
         except NodeLoading as err:
-            await abort(context, err)
+            await self._abort(context, err)
         cfg = rt.manifest.config
         lim = rt.cfg.limits
         return pb.DescribeResponse(
@@ -160,7 +172,7 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
             await self._forward(request, response, caller_of(context))
             return response
         except REFUSALS as err:
-            await abort(context, err)
+            await self._abort(context, err)
 
     async def ForwardStream(
         self, request_iterator: AsyncIterator[pb.ForwardRequest], context: grpc.aio.ServicerContext
@@ -179,6 +191,7 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
             try:
                 await self._forward(request, reply.response, caller)  # built in place
             except REFUSALS as err:
+                self.metrics.refused(refusal_kind(err))
                 reply = pb.ForwardReply(request_id=request.request_id, error=_call_error(err))
             except Exception as exc:  # a bug must not leave the caller waiting in silence
                 log.exception("Forward failed")
@@ -248,7 +261,7 @@ class BranchServicer(pb_grpc.BranchServiceServicer):
             rt = self._ready()
             released = rt.store.end(request.session_id, request.secret, caller_of(context))
         except REFUSALS as err:
-            await abort(context, err)
+            await self._abort(context, err)
         return pb.EndSessionResponse(released_caches=released)
 
 

@@ -114,7 +114,6 @@ def soak_doc() -> str:
     return __doc__ or ""
 
 
-
 class _Churn(threading.Thread):
     """One fault at a time, each once the layout is whole again; always recovers."""
 

@@ -41,6 +41,7 @@ from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 
 _NODE_ID = re.compile(r"node id (\S+),")
+_METRICS = re.compile(r"metrics on (http://\S+?/metrics)")
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class LocalCluster:
     served: list[list[tuple[int, int]]] = field(default_factory=list)
     gateway: ManagedProcess | None = None
     metrics_url: str = ""
+    http_url: str = ""  # the gateway's OpenAI API, when gateway_args give --http-listen
     # A signed export to serve instead of exporting ``checkpoint`` with a throw-away key.
     artifacts: Path | None = None
     trusted_keys: tuple[Path, ...] = ()
@@ -213,6 +215,8 @@ class LocalCluster:
         )
         found = re.search(r"metrics on (\S+?),", self.gateway.ready_line)
         self.metrics_url = found.group(1) if found else ""
+        found = re.search(r"OpenAI API on (\S+?),", self.gateway.ready_line)
+        self.http_url = found.group(1) if found else ""
 
     @property
     def served_artifacts(self) -> Path:
@@ -254,6 +258,12 @@ class LocalCluster:
             for family in text_string_to_metric_families(text)
             for s in family.samples
         }
+
+    @property
+    def node_metrics_urls(self) -> list[str]:
+        """The /metrics of every node started with ``--metrics-port`` (in ``node_args``)."""
+        found = (_METRICS.search(node.ready_line) for node in self.nodes)
+        return [m.group(1) for m in found if m is not None]
 
     def describe_node(self, i: int, timeout_s: float = 5.0) -> pb.DescribeResponse:
         """Node ``i``'s Describe, asked as the gateway's peer would (an aggregator's

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -125,6 +125,31 @@ class ModelConfig:
             dtype=dtype,
             decoder=spec,
         )
+
+    def with_vocab(self, vocab_size: int) -> ModelConfig:
+        """This shape over a vocabulary of ``vocab_size`` (a freshly trained tokenizer's)."""
+        decoder = None if self.decoder is None else replace(self.decoder, vocab_size=vocab_size)
+        return replace(self, vocab_size=vocab_size, decoder=decoder)
+
+    def widened(self, d_model: int) -> ModelConfig:
+        """This layout ``d_model`` wide, the heads kept (untrained, for payload-size benchmarks):
+        a sliced model's head and MLP sizes scale with the width."""
+        if d_model <= 0 or d_model % self.n_heads or (d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"--d-model must be a positive multiple of {2 * self.n_heads} "
+                f"(the {self.n_heads} heads, of an even dimension)"
+            )
+        spec = self.decoder
+        if spec is None:
+            return replace(self, d_model=d_model)
+        head_dim = d_model // self.n_heads
+        rope = None if spec.rope is None else replace(spec.rope, rotary_dim=head_dim)
+        neurons = spec.intermediate_size * d_model // spec.d_model
+        neurons -= neurons % max(self.branches)  # every branch keeps an equal share
+        decoder = replace(
+            spec, d_model=d_model, head_dim=head_dim, intermediate_size=neurons, rope=rope
+        )
+        return replace(self, d_model=d_model, decoder=decoder)
 
     @property
     def head_dim(self) -> int:

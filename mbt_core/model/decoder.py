@@ -81,5 +81,51 @@ class DecoderSpec:
             )
 
 
+def swiglu_decoder(
+    vocab_size: int,
+    d_model: int,
+    n_heads: int,
+    n_blocks: int,
+    intermediate: int,
+    context: int,
+    *,
+    kv_heads: int | None = None,
+    parallel_residual: bool = True,
+    tied_embeddings: bool = True,
+    eos_token_id: int | None = None,
+) -> DecoderSpec:
+    """A bias-free RMSNorm, rotary, SwiGLU decoder. Its defaults are the architecture
+    ``mbt train --arch parallel`` trains from scratch, in width slices: parallel residual
+    blocks (attention and MLP read the same input, so one MBT layer per block), the head
+    tied to the embedding. ``mbt-scale-bench`` describes its Llama-style model with it."""
+    if n_heads <= 0 or d_model % n_heads or (d_model // n_heads) % 2:
+        raise ValueError(
+            f"d_model ({d_model}) must split into {n_heads} heads of an even dimension"
+        )
+    return DecoderSpec(
+        model_type="mbt-parallel" if parallel_residual else "llama",
+        vocab_size=vocab_size,
+        d_model=d_model,
+        n_blocks=n_blocks,
+        n_heads=n_heads,
+        n_kv_heads=n_heads if kv_heads is None else kv_heads,
+        head_dim=d_model // n_heads,
+        intermediate_size=intermediate,
+        context_length=context,
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        norm_bias=False,
+        qkv_bias=False,
+        out_bias=False,
+        mlp_bias=False,
+        activation="silu",
+        gated_mlp=True,
+        parallel_residual=parallel_residual,
+        tied_embeddings=tied_embeddings,
+        rope=RopeConfig(rotary_dim=d_model // n_heads),
+        eos_token_id=eos_token_id,
+    )
+
+
 def _divisors(n: int) -> str:
     return ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)

@@ -127,7 +127,7 @@ class MBTLanguageModel(nn.Module):
             if p.dim() >= 2:
                 std = (
                     0.02 / math.sqrt(2 * depth)
-                    if name.endswith(("proj.weight", "2.weight"))
+                    if name.endswith(("proj.weight", "2.weight", ".o.weight", ".down.weight"))
                     else 0.02
                 )
                 nn.init.normal_(p, mean=0.0, std=std)

@@ -32,6 +32,21 @@ class OutageResult:
         }
 
 
+def scored_targets(stream: Tensor, window: int, max_tokens: int | None = None) -> Tensor:
+    """The tokens :func:`perplexity` predicts: whole windows of ``window`` positions."""
+    if max_tokens is not None:
+        stream = stream[: max_tokens + 1]
+    n_windows = (stream.numel() - 1) // window
+    if n_windows == 0:
+        raise ValueError(f"text of {stream.numel()} tokens is shorter than one window of {window}")
+    return stream[1 : n_windows * window + 1]
+
+
+def bits_per_char(ppl: float, tokens: int, chars: int) -> float:
+    """The same loss per character in bits: comparable across tokenizers."""
+    return math.log2(ppl) * tokens / chars
+
+
 @torch.no_grad()
 def perplexity(
     model: MBTLanguageModel,
@@ -46,13 +61,10 @@ def perplexity(
     was_training = model.training
     model.eval()
     t = min(window or model.cfg.context_length, model.cfg.context_length)
-    if max_tokens is not None:
-        stream = stream[: max_tokens + 1]
-    n_windows = (stream.numel() - 1) // t
-    if n_windows == 0:
-        raise ValueError(f"text of {stream.numel()} tokens is shorter than one window of {t}")
+    y = scored_targets(stream, t, max_tokens)
+    n_windows = y.numel() // t
     x = stream[: n_windows * t].view(n_windows, t)
-    y = stream[1 : n_windows * t + 1].view(n_windows, t)
+    y = y.view(n_windows, t)
     total = 0.0
     for i in range(0, n_windows, batch_size):
         logits = model(x[i : i + batch_size], masks=masks)

@@ -56,12 +56,32 @@ def sandwich_losses(
     submodel_masks: list[list[Tensor]],
     temperature: float = 1.0,
 ) -> StepLosses:
-    """The full model on the labels, plus each masked sub-model on its soft predictions."""
-    full = model(x)
-    labels = F.cross_entropy(full.flatten(0, 1), y.flatten())
+    """The full model on the labels, plus each masked sub-model on its soft predictions.
+
+    ``submodel_masks[s][l]`` is layer l's (K, m) per-sequence mask of sub-model s, which
+    re-runs the first m sequences of the batch (m <= B: a fraction of the batch makes the
+    sub-model pass cheaper). The full model and every sub-model run as one batch of
+    ``B + sum(m)`` rows, whose logits are then split again.
+    """
+    b = x.shape[0]
     if not submodel_masks:
+        full = model(x)
+        labels = F.cross_entropy(full.flatten(0, 1), y.flatten())
         return StepLosses(labels, labels)
-    kl = torch.stack(
-        [distillation_loss(model(x, masks=m), full, temperature) for m in submodel_masks]
-    )
-    return StepLosses(labels + kl.sum(), labels, kl.mean())
+    rows = [masks[0].shape[-1] for masks in submodel_masks]
+    if any(m > b for m in rows):
+        raise ValueError(f"a sub-model cannot re-run more than the batch's {b} sequences")
+    batch = torch.cat([x] + [x[:m] for m in rows])
+    masks = [
+        torch.cat([torch.ones(k, b, dtype=torch.bool)] + [sub[li] for sub in submodel_masks], 1)
+        for li, k in enumerate(model.cfg.branches)
+    ]
+    logits = model(batch, masks=masks)
+    full = logits[:b]
+    labels = F.cross_entropy(full.flatten(0, 1), y.flatten())
+    kl, start = [], b
+    for m in rows:
+        kl.append(distillation_loss(logits[start : start + m], full[:m], temperature))
+        start += m
+    kl_t = torch.stack(kl)
+    return StepLosses(labels + kl_t.sum(), labels, kl_t.mean())

@@ -57,6 +57,9 @@ class TrainConfig:
     robust_mode: str = "dropout"
     submodels: int = 1
     distill_temperature: float = 1.0
+    # Fraction of each batch's sequences that every sub-model re-runs (at least one): the
+    # sub-model pass costs this fraction of the full model's.
+    distill_fraction: float = 1.0
     entropy_floor: float = 0.9  # fraction of log K that H(alpha) may not fall below
     entropy_weight: float = 0.1
     eval_interval: int = 250
@@ -82,6 +85,8 @@ class TrainConfig:
             )
         if self.submodels < 0 or self.distill_temperature <= 0:
             raise ValueError("need submodels >= 0 and distill_temperature > 0")
+        if not 0.0 < self.distill_fraction <= 1.0:
+            raise ValueError(f"distill_fraction must be in (0, 1], got {self.distill_fraction}")
         if not 0.0 <= self.entropy_floor <= 1.0:
             raise ValueError(f"entropy_floor must be in [0, 1], got {self.entropy_floor}")
         if self.warmup_steps < 0 or self.min_lr > self.lr:
@@ -167,7 +172,7 @@ def train(cfg: TrainConfig, progress: bool = True, until: int | None = None) -> 
         model.train()
     else:
         tokenizer = Tokenizer.train(train_texts, cfg.model.vocab_size)
-        model = MBTLanguageModel(replace(cfg.model, vocab_size=tokenizer.vocab_size))
+        model = MBTLanguageModel(cfg.model.with_vocab(tokenizer.vocab_size))
     train_stream = token_stream(tokenizer, train_texts)
     val_stream = token_stream(tokenizer, val_texts)
 
@@ -201,6 +206,7 @@ def train(cfg: TrainConfig, progress: bool = True, until: int | None = None) -> 
             "entropy_floor": str(cfg.entropy_floor),
             "mask_per": cfg.mask_per,
             "robust_mode": cfg.robust_mode,
+            "distill_fraction": str(cfg.distill_fraction),
             "seed": str(cfg.seed),
         }
         if cfg.init is not None:
@@ -227,8 +233,9 @@ def train(cfg: TrainConfig, progress: bool = True, until: int | None = None) -> 
     val_ppl: float | None = None
     t0, steps_timed = time.perf_counter(), 0
     rows = cfg.batch_size if cfg.mask_per == "sequence" else None
+    sub_rows = max(1, round(cfg.distill_fraction * cfg.batch_size))
 
-    def draw() -> list[Tensor]:
+    def draw(rows: int | None = rows) -> list[Tensor]:
         return training_masks(model.cfg.branches, cfg.branch_drop, gen, rows)
 
     model.train()
@@ -237,7 +244,8 @@ def train(cfg: TrainConfig, progress: bool = True, until: int | None = None) -> 
             group["lr"] = learning_rate(cfg, step)
         x, y = random_batch(train_stream, cfg.batch_size, block, gen)
         if cfg.robust_mode == "distill":
-            subs = [draw() for _ in range(cfg.submodels)] if cfg.branch_drop > 0 else []
+            # Sub-models run in the full model's batch, so their masks are per sequence.
+            subs = [draw(sub_rows) for _ in range(cfg.submodels)] if cfg.branch_drop > 0 else []
             losses = sandwich_losses(model, x, y, subs, cfg.distill_temperature)
         else:
             losses = dropout_losses(model, x, y, draw() if cfg.branch_drop > 0 else None)

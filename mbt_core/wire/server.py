@@ -8,7 +8,8 @@
 - :class:`Guard`: awaits a check of the caller (its certificate role, its token) before every
   call but health checks; :func:`role_check` is the certificate-role check node and gateway use.
 - :class:`PerClientLimit`: at most N calls of one client at once (``RESOURCE_EXHAUSTED``
-  beyond), so one flooding client cannot take every slot from the others.
+  beyond), so one flooding client cannot take every slot from the others. It counts in a
+  :class:`ClientSlots`, which the gateway's HTTP API shares: one limit over both APIs.
 """
 
 from __future__ import annotations
@@ -167,6 +168,35 @@ class Guard(_Wrapping):
         yield request
 
 
+class ClientSlots:
+    """How many requests each client runs at once, against one limit. One instance serves
+    every API of a process (the gateway's gRPC and HTTP): a client cannot double its share by
+    using both."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._running: dict[str, int] = {}
+
+    @property
+    def refusal(self) -> str:
+        return (
+            f"this client already has {self.limit} requests running (the per-client limit); "
+            "wait for one to finish"
+        )
+
+    def take(self, client: str) -> bool:
+        """One more request of ``client``; False, and nothing taken, at its limit."""
+        if self._running.get(client, 0) >= self.limit:
+            return False
+        self._running[client] = self._running.get(client, 0) + 1
+        return True
+
+    def give_back(self, client: str) -> None:
+        self._running[client] -= 1
+        if not self._running[client]:
+            del self._running[client]
+
+
 class PerClientLimit(_Wrapping):
     """At most ``limit`` calls at once per client, on the methods under ``prefix``.
 
@@ -174,10 +204,9 @@ class PerClientLimit(_Wrapping):
     token (hashed), else its address (a trusted LAN: one host, one client).
     """
 
-    def __init__(self, limit: int, prefix: str) -> None:
-        self._limit = limit
+    def __init__(self, limit: int | ClientSlots, prefix: str) -> None:
+        self.slots = limit if isinstance(limit, ClientSlots) else ClientSlots(limit)
         self._prefix = prefix
-        self._running: dict[str, int] = {}
 
     def applies(self, method: str) -> bool:
         return method.startswith(self._prefix)
@@ -187,30 +216,29 @@ class PerClientLimit(_Wrapping):
         self, request: Any, context: grpc.aio.ServicerContext, streaming: bool
     ) -> AsyncIterator[Any]:
         client = client_identity(context)
-        if self._running.get(client, 0) >= self._limit:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this client already has {self._limit} requests running (the per-client "
-                "limit); wait for one to finish",
-            )
-        self._running[client] = self._running.get(client, 0) + 1
+        if not self.slots.take(client):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.slots.refusal)
         try:
             yield request
         finally:
-            self._running[client] -= 1
-            if not self._running[client]:
-                del self._running[client]
+            self.slots.give_back(client)
 
 
 def client_identity(context: grpc.aio.ServicerContext) -> str:
     """Certificate key, else token digest, else peer host: who the connection proves it is."""
     certs = context.auth_context().get("x509_pem_cert")
-    if certs:
-        return "cert:" + hashlib.sha256(certs[0]).hexdigest()
     token = dict(context.invocation_metadata() or ()).get("authorization")
-    if token:
-        return "token:" + hashlib.sha256(str(token).encode()).hexdigest()
     peer = context.peer() or ""  # "ipv4:127.0.0.1:50312", "ipv6:[::1]:50312"
+    return identity(certs[0] if certs else None, str(token) if token else None, peer)
+
+
+def identity(cert_pem: bytes | None, authorization: str | None, peer: str) -> str:
+    """:func:`client_identity` from its parts (an HTTP request has them too); ``peer`` in
+    grpc's form, ``ipv4:HOST:PORT`` or ``ipv6:[HOST]:PORT``."""
+    if cert_pem:
+        return "cert:" + hashlib.sha256(cert_pem).hexdigest()
+    if authorization:
+        return "token:" + hashlib.sha256(authorization.encode()).hexdigest()
     return "peer:" + peer.rsplit(":", 1)[0]
 
 

@@ -151,7 +151,8 @@ def test_healthy_greedy_generation_equals_in_process(cluster: Cluster) -> None:
         "mbt_nodes_admitted_total",
         "mbt_live_replicas",
         "mbt_width_diagnostic",
-        "mbt_lost_weight_ratio",
+        "mbt_lost_weight_ratio_bucket",
+        "mbt_lost_weight_total",
     ):
         assert series in names, series
 

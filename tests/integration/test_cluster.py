@@ -81,7 +81,7 @@ def test_gateway_benchmark_smoke() -> None:
         assert r[key] > 0, key
     assert [f["rows"] for f in r["fanouts"]] == [1, 3] and r["rows"] == 1
     for f in r["fanouts"]:
-        assert f["d_model"] == 128 and f["layer_step_ms"] > 0
+        assert f["d_model"] == 256 and f["layer_step_ms"] > 0
         assert f["fanout_ratio"] == pytest.approx(
             f["layer_step_ms"] / (f["echo_fanout_ms"] + f["branch_compute_ms"])
         )
@@ -104,7 +104,7 @@ def test_gateway_benchmark_smoke() -> None:
     [
         (["--rows", "1,x"], "expected counts like 1,16"),
         (["--rows", "0"], "row counts must be positive"),
-        (["--d-model", "130"], "--d-model must be a positive multiple of 4"),
+        (["--d-model", "130"], "--d-model must be a positive multiple of 16"),
         (["--d-model", "64", "--checkpoint", "m.safetensors"], "not both"),
         (["--wire-dtypes", "float32,int8"], "expected dtypes from float32"),
     ],

@@ -1,7 +1,8 @@
 """The deployment kit (``deploy/``) stays in step with the code it deploys.
 
 There is no Docker or Kubernetes here, so every file is parsed instead: each metric a dashboard
-or alert names must be a series ``mbt_aggregator.metrics`` exports, each node and gateway
+or alert names must be a series that ``mbt_aggregator.metrics`` or ``mbt_node.metrics``
+exports, ``promtool`` checks the Prometheus files, each node and gateway
 command line (compose, Kubernetes, systemd) must pass the real argparse parser and config
 checks, the nodes must cover every branch of the shipped model, and the gateway's ``--peers``
 must name exactly those nodes. The image's entrypoint and health-check scripts are run.
@@ -36,10 +37,15 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from mbt_aggregator import cli as aggregator_cli
 from mbt_aggregator.metrics import Metrics
+from mbt_aggregator.reports import OK, BranchReport, LayerReport
 from mbt_core.model.checkpoint import default_checkpoint_path
 from mbt_core.model.config import ModelConfig
 from mbt_core.model.tensorfile import metadata_of
 from mbt_node import cli as node_cli
+from mbt_node.config import NodeLimits
+from mbt_node.metrics import NodeMetrics
+from mbt_node.servicer import STATUS_OF
+from mbt_node.sessions import SessionStore
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -100,15 +106,26 @@ def listen_port(args: argparse.Namespace) -> int:
 
 
 def exported_series() -> set[str]:
-    """Every sample name the gateway's metrics produce (one child per labelled metric)."""
-    registry = CollectorRegistry()
-    metrics = Metrics(registry)
-    # A labelled metric has no samples until a child exists (``_labelnames`` is the only way
-    # prometheus-client offers to read a metric's label names).
-    for metric in vars(metrics).values():
-        if isinstance(metric, MetricWrapperBase) and metric._labelnames and not metric._labelvalues:
-            metric.labels(*("x" for _ in metric._labelnames))
-    return {sample.name for family in registry.collect() for sample in family.samples}
+    """Every sample name the gateway's and a node's metrics produce (one child per labelled
+    metric, one layer step recorded)."""
+    metrics = Metrics(CollectorRegistry())
+    metrics.recent.declare(0, {0: 1.0})
+    metrics.recent.record(LayerReport(0, (BranchReport(0, OK, "n", False, 0.0),), 0.0, 0.0), 1)
+    node = NodeMetrics(STATUS_OF)
+    node.watch(SessionStore(NodeLimits(), 16, lambda key: None))  # type: ignore[arg-type, return-value]
+    names = set()
+    for source in (metrics, node):
+        # A labelled metric has no samples until a child exists (``_labelnames`` is the only
+        # way prometheus-client offers to read a metric's label names).
+        for metric in vars(source).values():
+            if (
+                isinstance(metric, MetricWrapperBase)
+                and metric._labelnames
+                and not metric._labelvalues
+            ):
+                metric.labels(*("x" for _ in metric._labelnames))
+        names |= {sample.name for family in source.registry.collect() for sample in family.samples}
+    return names
 
 
 def base_name(series: str) -> str:
@@ -205,7 +222,7 @@ def test_promql_names_only_exported_series(source: str) -> None:
     # Exact series names: a histogram is only queryable as _bucket/_sum/_count, a counter
     # as _total, so a bare histogram name is as wrong as a renamed metric.
     unknown = sorted(used - exported_series())
-    assert not unknown, f"the {source} uses series that mbt_aggregator.metrics lacks: {unknown}"
+    assert not unknown, f"the {source} uses series that neither gateway nor node has: {unknown}"
 
 
 def test_dashboard_shows_the_key_metrics() -> None:
@@ -219,12 +236,56 @@ def test_dashboard_shows_the_key_metrics() -> None:
         "mbt_masked_branches",
         "mbt_live_replicas",
         "mbt_lost_weight_ratio",
+        "mbt_lost_weight",
         "mbt_quorum_failures",
         "mbt_tokens_generated",
         "mbt_nodes_rejected",
         "mbt_width_diagnostic",
+        "mbt_node_sessions",
+        "mbt_node_cached_tokens",
+        "mbt_node_batch_steps",
+        "mbt_node_compute_seconds",
+        "mbt_node_refused_calls",
     }
     assert not key - shown, f"the dashboard does not show {sorted(key - shown)}"
+
+
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="needs promtool (Debian's prometheus package; .ci/run installs it)"
+)
+
+
+def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    cmd = [PROMTOOL, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+
+
+@needs_promtool
+def test_promtool_checks_the_alert_rules() -> None:
+    result = promtool("check", "rules", ALERTS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
+
+
+@needs_promtool
+@pytest.mark.parametrize("name", ["prometheus.yml", "prometheus-k8s.yml"])
+def test_promtool_checks_the_scrape_config(name: str, tmp_path: Path) -> None:
+    """The rule files point where compose mounts them (/etc/prometheus): the copy checked
+    points at ``alerts.yml`` here, so the rules are checked as part of the config. Debian's
+    Prometheus is built without Kubernetes discovery: the k8s job is checked with a static
+    target in place of ``kubernetes_sd_configs`` (its relabelling, the substance, unchanged)."""
+    (doc,) = load_yaml(DEPLOY / "prometheus" / name)
+    doc["rule_files"] = [str(ALERTS)] if "rule_files" in doc else []
+    for job in doc["scrape_configs"]:
+        if job.pop("kubernetes_sd_configs", None) is not None:
+            job["static_configs"] = [{"targets": ["127.0.0.1:9109"]}]
+    config = tmp_path / name
+    config.write_text(yaml.safe_dump(doc))
+    result = promtool("check", "config", config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
 
 
 def test_promql_brackets_balance() -> None:
@@ -317,8 +378,14 @@ def test_compose_monitoring_matches_prometheus_and_grafana_files() -> None:
     services = compose()["services"]
     (_, gateway) = compose_commands()["aggregator"]
     (prom,) = load_yaml(DEPLOY / "prometheus/prometheus.yml")
-    (job,) = prom["scrape_configs"]
-    assert job["static_configs"][0]["targets"] == [f"aggregator:{gateway.metrics_port}"]
+    jobs = {job["job_name"]: job["static_configs"][0]["targets"] for job in prom["scrape_configs"]}
+    assert jobs["mbt-aggregator"] == [f"aggregator:{gateway.metrics_port}"]
+    nodes = {
+        f"{name}:{args.metrics_port}"
+        for name, (role, args) in compose_commands().items()
+        if role == "node" and args.metrics_port >= 0 and args.metrics_host == "0.0.0.0"
+    }
+    assert set(jobs["mbt-node"]) == nodes and len(nodes) == 4, "every node is scraped"
     prom_mounts = mounts(services["prometheus"])
     for rule_file in prom["rule_files"]:
         assert (DEPLOY / prom_mounts[rule_file][0]).resolve() == ALERTS, rule_file
@@ -398,10 +465,13 @@ def test_k8s_probes_ports_and_mounts(kind: str, name: str) -> None:
     assert pod["runAsNonRoot"] and pod["runAsUser"] == docker_user()
 
 
-def test_k8s_gateway_is_scraped_on_its_metrics_port() -> None:
-    deployment = k8s_object("Deployment", "mbt-aggregator")
-    _, args = k8s_args(container(deployment), {})
-    notes = deployment["spec"]["template"]["metadata"]["annotations"]
+@pytest.mark.parametrize(
+    ("kind", "name"), [("StatefulSet", "mbt-node"), ("Deployment", "mbt-aggregator")]
+)
+def test_k8s_pods_are_scraped_on_their_metrics_port(kind: str, name: str) -> None:
+    workload = k8s_object(kind, name)
+    _, args = k8s_args(container(workload), {"POD_INDEX": "0"})
+    notes = workload["spec"]["template"]["metadata"]["annotations"]
     assert notes["prometheus.io/scrape"] == "true"
     assert notes["prometheus.io/port"] == str(args.metrics_port)
     assert args.metrics_host == "0.0.0.0"

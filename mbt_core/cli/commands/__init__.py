@@ -16,6 +16,7 @@ from mbt_core.cli.commands import (
     keys,
     roster,
     sign,
+    status,
     train,
     trust,
     verify,
@@ -36,4 +37,5 @@ COMMANDS: dict[str, ModuleType] = {
     "trust": trust,
     "roster": roster,
     "certs": certs,
+    "status": status,
 }

@@ -7,12 +7,17 @@ processes and an aggregator gateway on 127.0.0.1, generates from
 PROMPT through the gateway, then prints what every layer's branches did: which node served each
 branch, how often it answered or was masked, and its latency. Everything is torn down at the
 end, also on Ctrl-C. --kill-node-after N kills one node after N tokens to show an outage.
+The gateway also serves the OpenAI-compatible HTTP API (--http, a free port by default; its
+URL is printed); --keep-running keeps the cluster up after the generation, until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from collections import defaultdict
 from pathlib import Path
 
@@ -50,6 +55,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="plaintext everywhere instead of mutual TLS with a throw-away cluster CA",
     )
     p.add_argument(
+        "--http",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="where the gateway serves the OpenAI-compatible HTTP API (default: a free port on "
+        "127.0.0.1)",
+    )
+    p.add_argument("--no-http", action="store_true", help="no HTTP API")
+    p.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="after the generation, keep the cluster serving until Ctrl-C (or SIGTERM)",
+    )
+    p.add_argument(
         "--show-branches",
         action="store_true",
         help="also print, per token, which branches every layer used",
@@ -62,12 +80,14 @@ def run(args: argparse.Namespace) -> int:
         temperature=0.0 if args.greedy else args.temperature,
         seed=args.seed,
     )
-    gateway_args = ("--policy", args.policy, "--deadline-ms", str(args.deadline_ms))
+    gateway_args = ["--policy", args.policy, "--deadline-ms", str(args.deadline_ms)]
+    if not args.no_http:
+        gateway_args += ["--http-listen", args.http]
     print(f"starting {args.nodes} nodes and a gateway on 127.0.0.1 ...", file=sys.stderr)
     with LocalCluster(
         args.checkpoint,
         Layout(args.nodes, args.replicas),
-        gateway_args=gateway_args,
+        gateway_args=tuple(gateway_args),
         tls=not args.insecure,
     ) as cluster:
         names = {}
@@ -80,9 +100,12 @@ def run(args: argparse.Namespace) -> int:
             )
         print(
             f"  gateway pid {cluster.gateway.pid} {cluster.address}, "  # type: ignore[union-attr]
-            f"metrics {cluster.metrics_url}\n",
+            f"metrics {cluster.metrics_url}",
             file=sys.stderr,
         )
+        if cluster.http_url:
+            print(f"  OpenAI API {cluster.http_url}{_client_files(cluster)}", file=sys.stderr)
+        print(file=sys.stderr)
         stats: dict[tuple[int, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
         latencies = []
         sys.stdout.write(args.prompt)
@@ -105,7 +128,32 @@ def run(args: argparse.Namespace) -> int:
                 print(f"\n[killed node0 after {event.index + 1} tokens]", file=sys.stderr)
         sys.stdout.write("\n\n")
         _report(stats, latencies)
+        if args.keep_running:
+            _serve_until_stopped(cluster)
     return 0
+
+
+def _client_files(cluster: LocalCluster) -> str:
+    """With TLS, the files a client needs (curl --cert/--key/--cacert)."""
+    tls = cluster.credentials.tls
+    if not tls.enabled:
+        return ""
+    return f" (client certificate {tls.cert}, key {tls.key}, CA {tls.ca})"
+
+
+def _serve_until_stopped(cluster: LocalCluster) -> None:
+    """Block until Ctrl-C or SIGTERM; the caller's ``with`` then tears the cluster down."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also where started ignoring it
+    print(
+        f"\nserving: gRPC {cluster.address}"
+        + (f", OpenAI API {cluster.http_url}" if cluster.http_url else "")
+        + "; Ctrl-C stops",
+        file=sys.stderr,
+        flush=True,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        threading.Event().wait()
 
 
 def _report(stats: dict[tuple[int, int], dict[str, float]], latencies: list[float]) -> None:

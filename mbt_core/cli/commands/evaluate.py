@@ -14,7 +14,7 @@ from pathlib import Path
 from mbt_core.cli.commands.common import add_model_arguments, load_model
 from mbt_core.cli.flags import add_gateway_client_arguments, gateway_credentials
 from mbt_core.training.data import evaluation_texts, token_stream
-from mbt_core.training.evaluate import outage_table
+from mbt_core.training.evaluate import bits_per_char, outage_table, scored_targets
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -92,19 +92,20 @@ def run(args: argparse.Namespace) -> int:
     stream = token_stream(ckpt.tokenizer, evaluation_texts(args.text_file))
     rows = outage_table(ckpt.model, stream, args.fractions, args.masks, args.seed, args.max_tokens)
     healthy = next((r.mean for r in rows if r.fraction == 0.0), None)
+    targets = scored_targets(stream, ckpt.model.cfg.context_length, args.max_tokens)
+    chars = len(ckpt.tokenizer.decode(targets.tolist()))
+    bpc = [bits_per_char(r.mean, targets.numel(), chars) for r in rows]
     if args.json:
+        results = [{**r.to_dict(), "bits_per_char": b} for r, b in zip(rows, bpc, strict=True)]
         print(
             json.dumps(
-                {
-                    "tokens": min(stream.numel(), args.max_tokens or stream.numel()),
-                    "results": [r.to_dict() for r in rows],
-                },
-                indent=2,
+                {"tokens": targets.numel(), "characters": chars, "results": results}, indent=2
             )
         )
         return 0
-    print(f"{'setting':<10} {'perplexity':>10} {'vs healthy':>11} {'masks':>6}")
-    for r in rows:
+    print(f"{'setting':<10} {'perplexity':>10} {'vs healthy':>11} {'bits/char':>10} {'masks':>6}")
+    for r, b in zip(rows, bpc, strict=True):
         rel = f"{(r.mean / healthy - 1) * 100:+.2f}%" if healthy else "-"
-        print(f"{r.label:<10} {r.mean:>10.3f} {rel:>11} {len(r.perplexities):>6}")
+        print(f"{r.label:<10} {r.mean:>10.3f} {rel:>11} {b:>10.4f} {len(r.perplexities):>6}")
+    print(f"({targets.numel()} tokens, {chars} characters)")
     return 0

@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from mbt_core.model.config import ModelConfig
+from mbt_core.model.decoder import UnsupportedModel, swiglu_decoder
 from mbt_core.training.data import default_corpus_path
 from mbt_core.training.objective import ROBUST_MODES
 from mbt_core.training.train import TrainConfig, train
@@ -86,6 +87,12 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
         help="masked sub-models per step under --robust-mode distill",
     )
     p.add_argument(
+        "--distill-fraction",
+        type=float,
+        default=d["distill_fraction"].default,
+        help="fraction of each batch's sequences every sub-model re-runs (its cost)",
+    )
+    p.add_argument(
         "--distill-temperature",
         type=float,
         default=d["distill_temperature"].default,
@@ -142,6 +149,7 @@ def training_config(args: argparse.Namespace, **extra: object) -> TrainConfig:
         robust_mode=args.robust_mode,
         submodels=args.submodels,
         distill_temperature=args.distill_temperature,
+        distill_fraction=args.distill_fraction,
         entropy_floor=args.entropy_floor,
         entropy_weight=args.entropy_weight,
         eval_interval=args.eval_interval,
@@ -174,21 +182,61 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dropout", type=float, default=m.dropout, help="ordinary dropout inside blocks"
     )
+    p.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default="block",
+        help="block: every branch a whole pre-LN block (learned positions, GELU); parallel: "
+        "every branch a width slice of a parallel-residual block (RMSNorm, rotary, SwiGLU)",
+    )
+    p.add_argument(
+        "--mlp-hidden",
+        type=int,
+        default=None,
+        help="--arch parallel: SwiGLU neurons per layer, split over its branches "
+        "(default 3 x d-model)",
+    )
+
+
+ARCHS = ("block", "parallel")
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The architecture the model flags describe (the vocabulary is the tokenizer's later)."""
+    branches = args.branches * args.layers if len(args.branches) == 1 else args.branches
+    if args.arch == "block":
+        if args.mlp_hidden is not None:
+            raise ValueError("--mlp-hidden applies to --arch parallel")
+        return ModelConfig(
+            vocab_size=args.vocab_size,
+            d_model=args.d_model,
+            n_heads=args.heads,
+            context_length=args.context,
+            n_layers=args.layers,
+            branches=branches,
+            blocks_per_branch=args.blocks_per_branch,
+            dropout=args.dropout,
+        )
+    if len(set(branches)) != 1 or args.blocks_per_branch != 1 or args.dropout:
+        raise ValueError(
+            "--arch parallel takes one K for every layer, one block per branch and no --dropout"
+        )
+    spec = swiglu_decoder(
+        args.vocab_size,
+        args.d_model,
+        args.heads,
+        args.layers,
+        args.mlp_hidden or 3 * args.d_model,
+        args.context,
+    )
+    try:
+        return ModelConfig.sliced(spec, branches[0], args.context, "float32", eos=0)
+    except UnsupportedModel as err:  # the split check speaks of imports: say it for training
+        raise ValueError(f"--arch parallel: {err}") from None
 
 
 def run(args: argparse.Namespace) -> int:
-    branches = args.branches * args.layers if len(args.branches) == 1 else args.branches
-    model = ModelConfig(
-        vocab_size=args.vocab_size,
-        d_model=args.d_model,
-        n_heads=args.heads,
-        context_length=args.context,
-        n_layers=args.layers,
-        branches=branches,
-        blocks_per_branch=args.blocks_per_branch,
-        dropout=args.dropout,
-    )
-    cfg = training_config(args, model=model)
+    cfg = training_config(args, model=model_config(args))
     path = train(cfg, progress=not args.no_progress)
     print(f"checkpoint: {path}")
     return 0

@@ -5,11 +5,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mbt_core.model.config import ModelConfig
+from mbt_core.model.decoder import swiglu_decoder
 from mbt_core.model.hf_config import spec_from_config
 from mbt_core.model.kv import BranchCache, KVSlots, RaggedKV, UniformKV
+from mbt_core.model.lm import MBTLanguageModel
 from mbt_core.model.slices import AttentionSlice, DenseAttention, dense_shapes, split_attention
 from tests.hf_models import llama
 
@@ -61,3 +64,16 @@ def test_a_ragged_batch_of_sessions_in_slots_equals_each_alone() -> None:
                 batched[s].append(out[s])
     for s in range(len(lengths)):
         assert torch.allclose(torch.cat(batched[s]), alone[s], atol=1e-5), s
+
+
+def test_a_swiglu_decoder_widens_with_its_heads_and_neurons_scaled() -> None:
+    """``mbt-aggregator-bench --d-model``: the shipped layout at another width still builds."""
+    spec = swiglu_decoder(300, 64, 8, 2, 192, 32)
+    cfg = ModelConfig.sliced(spec, 4, 32, "float32", eos=0).widened(32)
+    assert cfg.decoder is not None
+    assert (cfg.d_model, cfg.decoder.head_dim, cfg.decoder.intermediate_size) == (32, 4, 96)
+    assert cfg.decoder.rope is not None and cfg.decoder.rope.rotary_dim == 4
+    out = MBTLanguageModel(cfg)(torch.randint(0, 300, (1, 5)))
+    assert out.shape == (1, 5, 300)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cfg.widened(40)

@@ -17,6 +17,7 @@ from mbt_core.model.hf_import import ImportOptions, import_decoder
 from mbt_core.model.masks import outage_masks
 from mbt_core.model.tokenizer import Tokenizer
 from tests.conftest import SAMPLE_TEXT
+from tests.dense_standin import StandinConfig, train_standin
 from tests.hf_models import save_hf
 
 
@@ -83,3 +84,33 @@ def test_finetune_refuses_what_it_cannot_do(imported: Path, capsys) -> None:
     assert "leaves nothing to train" in capsys.readouterr().err
     assert main(["finetune", str(out / "missing.safetensors"), "--out", str(out)]) == 2
     assert "no such checkpoint file" in capsys.readouterr().err
+
+
+def test_the_dense_stand_in_trains_and_imports_exactly(tmp_path: Path) -> None:
+    """The README's stand-in for a pretrained model: a few steps of the real trainer, then
+    the K=4 import must give the logits transformers gives for the folder it saved."""
+    from transformers import LlamaForCausalLM
+
+    data = tmp_path / "text.txt"
+    data.write_text(SAMPLE_TEXT * 4)
+    out = tmp_path / "dense"
+    cfg = StandinConfig(
+        out,
+        steps=3,
+        d_model=32,
+        blocks=1,
+        heads=4,
+        intermediate=64,
+        context=32,
+        batch_size=2,
+        data=data,
+    )
+    train_standin(cfg, progress=False)
+    reference = LlamaForCausalLM.from_pretrained(out).eval()
+    ckpt = import_decoder(out, ImportOptions(branches=4))
+    ids = torch.tensor([ckpt.tokenizer.encode(SAMPLE_TEXT)[:32]])
+    with torch.no_grad():
+        want = reference(ids).logits
+        got = ckpt.model(ids)
+    assert ckpt.model.cfg.branches == (4, 4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -33,12 +33,17 @@ def test_no_gradient_reaches_the_teacher() -> None:
 
 def test_the_full_models_gradient_is_its_label_gradient_plus_the_students_only() -> None:
     """The sandwich gradient equals label CE of the full model plus the KL of the sub-model
-    from a *constant* copy of the full model's logits: the teacher path adds nothing."""
+    (here on 2 of the batch's 3 sequences, one mask each) from a *constant* copy of the full
+    model's logits: the teacher path adds nothing, and the one batched pass splits right."""
     torch.manual_seed(0)
     model = MBTLanguageModel(TINY)
-    x = torch.randint(0, TINY.vocab_size, (2, 9))
-    y = torch.randint(0, TINY.vocab_size, (2, 9))
-    masks = [torch.tensor([True, False]), torch.tensor([False, True])]
+    x = torch.randint(0, TINY.vocab_size, (3, 9))
+    y = torch.randint(0, TINY.vocab_size, (3, 9))
+    # (K, m) per sequence: layer 0 keeps branch 0 then 1, layer 1 keeps branch 1 then both.
+    masks = [
+        torch.tensor([[True, False], [False, True]]),
+        torch.tensor([[False, True], [True, True]]),
+    ]
 
     def grads(loss: torch.Tensor) -> list[torch.Tensor]:
         model.zero_grad()
@@ -51,12 +56,21 @@ def test_the_full_models_gradient_is_its_label_gradient_plus_the_students_only()
     got = grads(sandwich_losses(model, x, y, [masks], temperature=2.0).total)
     full = model(x)
     constant = full.detach().clone()
-    want_loss = F.cross_entropy(full.flatten(0, 1), y.flatten()) + distillation_loss(
-        model(x, masks=masks), constant, 2.0
-    )
-    want = grads(want_loss)
+    students = [
+        model(x[i : i + 1], masks=[m[:, i] for m in masks]) for i in range(2)
+    ]  # each sequence alone, with its own (K,) mask
+    kl = distillation_loss(torch.cat(students), constant[:2], 2.0)
+    want = grads(F.cross_entropy(full.flatten(0, 1), y.flatten()) + kl)
     for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w)
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_a_sub_model_cannot_re_run_more_sequences_than_the_batch_has() -> None:
+    model = MBTLanguageModel(TINY)
+    x = torch.randint(0, TINY.vocab_size, (2, 5))
+    too_many = [torch.ones(k, 3, dtype=torch.bool) for k in TINY.branches]
+    with pytest.raises(ValueError, match="batch's 2 sequences"):
+        sandwich_losses(model, x, x, [too_many])
 
 
 def _losses(path: Path, masks: list[torch.Tensor] | None) -> float:
@@ -77,7 +91,12 @@ def test_a_tiny_distill_run_lowers_the_healthy_and_the_masked_loss(tmp_path: Pat
 
 
 def test_a_resumed_distill_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
-    kw = {"robust_mode": "distill", "submodels": 2, "distill_temperature": 2.0}
+    kw = {
+        "robust_mode": "distill",
+        "submodels": 2,
+        "distill_temperature": 2.0,
+        "distill_fraction": 0.5,
+    }
     straight = _config(tmp_path / "a", steps=20, **kw)
     train(straight, progress=False)
     resumed = _config(tmp_path / "b", steps=20, **kw)

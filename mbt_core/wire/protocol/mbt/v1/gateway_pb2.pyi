@@ -116,16 +116,24 @@ class NodeStatus(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., branches: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., latency_ms: _Optional[float] = ...) -> None: ...
 
 class BranchStatus(_message.Message):
-    __slots__ = ("layer", "branch", "live_replicas", "weight")
+    __slots__ = ("layer", "branch", "live_replicas", "weight", "last_outcome", "recent_ok", "recent_masked", "recent_rejected")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     LIVE_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LAST_OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    RECENT_OK_FIELD_NUMBER: _ClassVar[int]
+    RECENT_MASKED_FIELD_NUMBER: _ClassVar[int]
+    RECENT_REJECTED_FIELD_NUMBER: _ClassVar[int]
     layer: int
     branch: int
     live_replicas: int
     weight: float
-    def __init__(self, layer: _Optional[int] = ..., branch: _Optional[int] = ..., live_replicas: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
+    last_outcome: Outcome
+    recent_ok: int
+    recent_masked: int
+    recent_rejected: int
+    def __init__(self, layer: _Optional[int] = ..., branch: _Optional[int] = ..., live_replicas: _Optional[int] = ..., weight: _Optional[float] = ..., last_outcome: _Optional[_Union[Outcome, str]] = ..., recent_ok: _Optional[int] = ..., recent_masked: _Optional[int] = ..., recent_rejected: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("model_id", "model_version", "manifest_sha256", "policy", "nodes", "branches")
