@@ -291,7 +291,7 @@ class Engine:
                 node_id=n.node_id,
                 address=n.address,
                 branches=tuple(sorted(n.branches)),
-                healthy=n.failures == 0 and not registry.quarantined(n.node_id),
+                healthy=not (n.failures or n.failed_checks or registry.quarantined(n.node_id)),
                 latency_s=n.latency_estimate(),
             )
             for n in registry.nodes

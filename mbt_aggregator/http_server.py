@@ -118,7 +118,8 @@ class HttpServer:
         self._ticks: asyncio.Task[None] | None = None
         host, port = sock.getsockname()[:2]
         host = f"[{host}]" if ":" in host else host
-        self.url = f"{'https' if tls is not None else 'http'}://{host}:{port}/v1"
+        self.root = f"{'https' if tls is not None else 'http'}://{host}:{port}/"  # the web view
+        self.url = f"{self.root}v1"
 
     async def start(self) -> None:
         await self._server.startup(sockets=[self._sock])

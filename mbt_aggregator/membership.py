@@ -184,7 +184,7 @@ class Membership:
         if watched.down_since is not None:
             log.info("node at %s answers again (%d failed tries)", address, watched.failures)
         watched.failures, watched.down_since, watched.reason = 0, None, ""
-        self._health_failures[node.node_id] = 0
+        self._health_failures[node.node_id] = node.failed_checks = 0
         self.metrics.admitted(node.node_id, node.branches)
         self.changed.set()
         log.info(
@@ -313,7 +313,7 @@ class Membership:
             info = await node.client.describe(timeout_s=self.admit_timeout_s)
         except NodeCallError as exc:
             failures = self._health_failures.get(node.node_id, 0) + 1
-            self._health_failures[node.node_id] = failures
+            self._health_failures[node.node_id] = node.failed_checks = failures
             if failures >= self.max_failures:
                 self._keep_home(node)
                 await self._drop(
@@ -327,7 +327,7 @@ class Membership:
             self._watch(node.address, "recheck", None)
             await self._try(node.address)
             return
-        self._health_failures[node.node_id] = 0
+        self._health_failures[node.node_id] = node.failed_checks = 0
 
     @staticmethod
     def _now() -> float:

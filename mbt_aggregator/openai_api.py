@@ -23,7 +23,7 @@ import random
 import ssl
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -32,7 +32,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from mbt_aggregator.auth import HttpGuard
@@ -225,7 +225,9 @@ class OpenAiApi:
         self.guard, self.slots, self.limits, self.peer_cert = guard, slots, limits, peer_cert
         self.running = 0  # generations in flight over HTTP (--max-concurrent-rpcs)
 
-    def app(self) -> Starlette:
+    def app(self, extra: Sequence[BaseRoute] = ()) -> Starlette:
+        """The API's routes and ``extra`` ones (the web view), with OpenAI's errors for all."""
+
         async def refused(request: Request, exc: Exception) -> Response:
             if isinstance(exc, HTTPException):
                 return ApiError(
@@ -238,6 +240,7 @@ class OpenAiApi:
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                *extra,
             ],
             exception_handlers={HTTPException: refused, Exception: refused},
         )
@@ -246,7 +249,7 @@ class OpenAiApi:
 
     async def models(self, request: Request) -> Response:
         try:
-            self._caller(request)
+            self.caller(request)
         except ApiError as exc:
             return exc.response()
         entry = {"id": self.model.id, "object": "model", "created": self.model.created}
@@ -261,7 +264,7 @@ class OpenAiApi:
     async def _serve(self, request: Request, chat: bool) -> Response:
         lease = None
         try:
-            client = self._caller(request)
+            client = self.caller(request)
             ask = self._ask(await _json(request), chat)
             lease = self._lease(client)
             if ask.stream:
@@ -274,7 +277,7 @@ class OpenAiApi:
 
     # -- the caller, the body -------------------------------------------------------------
 
-    def _caller(self, request: Request) -> str:
+    def caller(self, request: Request) -> str:
         """Who calls (as :func:`~mbt_core.wire.server.client_identity` names gRPC callers),
         once the guard let them in."""
         peer = (request.client.host, request.client.port) if request.client else None

@@ -36,8 +36,9 @@ class Node:
     wire_dtype: torch.dtype = torch.float32  # what its layer inputs and outputs travel in
     session_quota: int = 1 << 30  # sessions this gateway may hold on it (its per-caller quota)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))
-    failures: int = 0
+    failures: int = 0  # calls failed in a row
     benched_until: float = 0.0
+    failed_checks: int = 0  # health checks failed in a row (membership's), before it leaves
 
     # The median of ``latencies``, kept until the next call is recorded.
     _median: float | None = field(default=None, init=False, repr=False, compare=False)

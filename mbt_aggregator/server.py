@@ -3,8 +3,9 @@
 Order: the manifest is verified (signatures, expiry, rollback) and the trunk loaded, or the
 process stops with a clear message; membership starts (static peers, mDNS); the gRPC gateway
 and the Prometheus endpoint start, and with ``--http-listen`` the OpenAI-compatible HTTP API
-(:mod:`mbt_aggregator.http_server`, in this event loop, over the same request layer); SIGTERM
-or SIGINT stops in reverse order.
+(:mod:`mbt_aggregator.http_server`, in this event loop, over the same request layer) with the
+live web view at its root (:mod:`mbt_aggregator.webview`); SIGTERM or SIGINT stops in
+reverse order.
 
 With TLS, the gateway reaches nodes over mutual TLS with its aggregator certificate and admits
 a node only under the id its certificate proves (:mod:`mbt_aggregator.identity`); a signed
@@ -26,6 +27,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from mbt_aggregator import webview
 from mbt_aggregator.admission import Expectation
 from mbt_aggregator.auth import HttpGuard, api_guards, server_credentials
 from mbt_aggregator.browse import MdnsBrowser
@@ -50,6 +52,7 @@ from mbt_core.wire.codec import DTYPES
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 from mbt_core.wire.server import ClientSlots, MalformedRequests, PerClientLimit
+from mbt_core.wire.swarm import swarm
 
 log = logging.getLogger("mbt_aggregator")
 SERVICE_NAME = gw.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -94,9 +97,8 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
         maximum_concurrent_rpcs=cfg.limits.max_concurrent_rpcs,
     )
     gateway = Gateway(engine, trunk_files.tokenizer, cfg.limits, metrics)
-    gw_grpc.add_GatewayServiceServicer_to_server(
-        GatewayServicer(gateway, engine, manifest, digest), server
-    )
+    servicer = GatewayServicer(gateway, engine, manifest, digest)
+    gw_grpc.add_GatewayServiceServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -127,7 +129,8 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
             certs.get,
         )
         tls = cfg.tls if cluster_tls is not None else None
-        http = HttpServer(api.app(), bind(cfg.http_listen), tls, cfg.api_auth.mode == "cert", certs)
+        app = api.app(webview.routes(lambda: swarm(servicer.status()), api.caller))
+        http = HttpServer(app, bind(cfg.http_listen), tls, cfg.api_auth.mode == "cert", certs)
     httpd = None
     metrics_note = "metrics off"
     if cfg.metrics_port >= 0:
@@ -140,7 +143,7 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
     await server.start()
     if http is not None:
         await http.start()
-        metrics_note += f", OpenAI API on {http.url}"
+        metrics_note += f", OpenAI API on {http.url}, web view on {http.root}"
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     host = cfg.listen.rsplit(":", 1)[0]

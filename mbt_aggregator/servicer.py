@@ -111,6 +111,10 @@ class GatewayServicer(gw_grpc.GatewayServiceServicer):
     async def Status(
         self, request: gw.StatusRequest, context: grpc.aio.ServicerContext
     ) -> gw.StatusResponse:
+        return self.status()
+
+    def status(self) -> gw.StatusResponse:
+        """The swarm now (also the web view's, :mod:`mbt_aggregator.webview`)."""
         status = self.engine.status()
         return gw.StatusResponse(
             model_id=self.manifest.model_id,

@@ -14,6 +14,7 @@ puts a node elsewhere, e.g. in a network namespace.
 from __future__ import annotations
 
 import re
+import secrets
 import signal
 import tempfile
 import time
@@ -89,6 +90,7 @@ class LocalCluster:
     gateway: ManagedProcess | None = None
     metrics_url: str = ""
     http_url: str = ""  # the gateway's OpenAI API, when gateway_args give --http-listen
+    web_url: str = ""  # its web view, the same server's root
     # A signed export to serve instead of exporting ``checkpoint`` with a throw-away key.
     artifacts: Path | None = None
     trusted_keys: tuple[Path, ...] = ()
@@ -101,6 +103,9 @@ class LocalCluster:
     # the temp folder, a certificate per node (kept across restarts: same node id), the
     # gateway's, and a client's for ``credentials``. False: everything plaintext (--insecure).
     tls: bool = True
+    # With TLS: clients of the gateway (gRPC and HTTP) show a bearer token, generated here,
+    # instead of a client certificate: what a browser can show (``mbt cluster``, the web view).
+    api_token: bool = False
     # Sign calibrated output-norm bounds into the export (as `mbt export` does by default).
     calibrate: bool = True
     _tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -209,6 +214,7 @@ class LocalCluster:
                 "--peers",
                 peers,
                 *self._tls_args("gateway", "aggregator"),
+                *self._api_auth_args(),
                 *self.gateway_args,
             ],
             env=self._env,
@@ -217,6 +223,8 @@ class LocalCluster:
         self.metrics_url = found.group(1) if found else ""
         found = re.search(r"OpenAI API on (\S+?),", self.gateway.ready_line)
         self.http_url = found.group(1) if found else ""
+        found = re.search(r"web view on (\S+?),", self.gateway.ready_line)
+        self.web_url = found.group(1) if found else ""
 
     @property
     def served_artifacts(self) -> Path:
@@ -245,10 +253,33 @@ class LocalCluster:
             issue_cert(root / "ca", name, root / "certs", role=role)
         return TlsConfig(cert, key, root / "ca" / "ca.crt")
 
+    def _api_auth_args(self) -> list[str]:
+        if not (self.tls and self.api_token):
+            return []
+        path = Path(self._tmp.name) / "api-token"  # type: ignore[union-attr]
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(32) + "\n")
+        return ["--api-auth", "token", "--api-token-file", str(path)]
+
+    @property
+    def api_token_file(self) -> Path | None:
+        """The bearer token's file, with ``api_token`` (for ``--token-file``)."""
+        if not (self.tls and self.api_token and self._tmp is not None):
+            return None
+        return Path(self._tmp.name) / "api-token"
+
     @property
     def credentials(self) -> Credentials:
-        """What a client of this cluster's gateway presents (a client certificate with TLS)."""
-        return Credentials(self._tls_config("client", "client") if self.tls else TlsConfig())
+        """What a client of this cluster's gateway presents: with TLS a client certificate, or
+        the CA and the bearer token with ``api_token``; nothing without TLS."""
+        if not self.tls:
+            return Credentials()
+        token_file = self.api_token_file
+        if token_file is not None:
+            ca = self._tls_config("client", "client").ca
+            return Credentials(TlsConfig(ca=ca), token=token_file.read_text().strip())
+        return Credentials(self._tls_config("client", "client"))
 
     def gateway_metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """The gateway's Prometheus samples now: (name, sorted labels) -> value."""
@@ -274,8 +305,10 @@ class LocalCluster:
             return stub.Describe(pb.DescribeRequest(), timeout=timeout_s)
 
     def status(self) -> gw.StatusResponse:
-        with self.credentials.channel(self.address) as channel:
-            return gw_grpc.GatewayServiceStub(channel).Status(gw.StatusRequest(), timeout=5)
+        credentials = self.credentials
+        with credentials.channel(self.address) as channel:
+            stub = gw_grpc.GatewayServiceStub(channel)
+            return stub.Status(gw.StatusRequest(), timeout=5, metadata=credentials.metadata)
 
     def wait_until_complete(self, timeout_s: float = 30.0) -> gw.StatusResponse:
         """Wait until every branch has a live replica."""

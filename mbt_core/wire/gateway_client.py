@@ -26,7 +26,6 @@ from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 
 T = TypeVar("T")
-OUTCOME_NAMES = {gw.OUTCOME_OK: "ok", gw.OUTCOME_MASKED: "masked", gw.OUTCOME_REJECTED: "rejected"}
 
 
 class GatewayError(MbtError):

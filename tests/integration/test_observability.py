@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -233,3 +234,63 @@ def test_mbt_status_of_an_unreachable_gateway_is_a_one_line_error(
     code = main(["status", "--gateway", f"127.0.0.1:{_free_port()}", "--timeout-s", "5"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("mbt status: error: ") and err.count("\n") == 1, err
+
+
+def _alerts(prometheus: Prometheus) -> dict[str, str]:
+    """Alert name -> its state now (pending, firing); absent ones are inactive."""
+    return {
+        a["labels"]["alertname"]: a["state"] for a in prometheus.get("/api/v1/alerts")["alerts"]
+    }
+
+
+@pytest.mark.slow
+def test_alerts_fire_on_a_node_kill_and_resolve_on_its_return(
+    cluster: LocalCluster, prometheus: Prometheus
+) -> None:
+    """The long version (``pytest -m slow``): a minute and more of steady traffic, a node hung
+    under it (SIGSTOP: it answers nothing, its metrics neither) until the alerts about it fire
+    (after their ``for``), then resumed on the same ports until they resolve; every dashboard
+    expression has data under traffic. (A SIGKILLed node restarted with ``--metrics-port 0``
+    would come back on another port, where the static scrape target does not look.)"""
+    for i in range(len(cluster.nodes)):  # whatever the module's other tests did to them
+        if not cluster.node_running(i):
+            cluster.restart_node(i)
+    cluster.wait_until_complete()
+    stop, generated = threading.Event(), [0]
+
+    def traffic() -> None:
+        while not stop.is_set():
+            generated[0] += _generate(cluster, 8)
+
+    worker = threading.Thread(target=traffic, daemon=True)
+    worker.start()
+    try:
+        time.sleep(35)  # rate windows of 30 s fill with live traffic
+        blank = [
+            expr
+            for expr in dashboard_exprs()
+            if all(math.isnan(float(r["value"][1])) for r in prometheus.query(_promql(expr)))
+        ]
+        assert not blank, f"dashboard expressions without data under traffic: {blank}"
+        rejected = prometheus.query("mbt_nodes_rejected_total > 0")
+        assert not _alerts(prometheus), f"alerts on a healthy cluster (rejections: {rejected})"
+
+        cluster.pause_node(0)
+        expected = {"MbtBranchWithoutReplica", "MbtNodeMetricsDown"}  # both `for: 1m`
+        _until(
+            lambda: {n for n, s in _alerts(prometheus).items() if s == "firing"} >= expected,
+            f"{expected} fire",
+            timeout_s=120,
+        )
+        assert "MbtGatewayDown" not in _alerts(prometheus)
+        before = generated[0]
+        _until(lambda: generated[0] > before, "the text keeps coming without node 0")
+
+        cluster.resume_node(0)
+        cluster.wait_until_complete(timeout_s=60)
+        _until(lambda: not expected & set(_alerts(prometheus)), f"{expected} resolve", 60)
+    finally:
+        if cluster.node_running(0):
+            cluster.resume_node(0)  # a stopped process would hold the module's teardown
+        stop.set()
+        worker.join(60)

@@ -34,6 +34,7 @@ from mbt_core.trust.certs import Issued, init_ca, issue_cert
 from mbt_core.trust.keys import generate_key, load_private_key
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
+from mbt_core.wire.swarm import swarm
 from tests.integration.conftest import SignedModel
 
 pytestmark = [pytest.mark.integration]
@@ -87,15 +88,26 @@ class Api:
         )
 
     def raw(
-        self, path: str, body: bytes, headers: dict[str, str] | None = None
+        self, path: str, body: bytes | None, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes]:
+        status, _, data = self.call("POST", path, body, headers)
+        return status, data
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """Status, headers and body of one request (with the token unless ``headers`` say)."""
         conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.tls(), timeout=30)
         try:
             conn.request(
-                "POST", path, body, {"Authorization": f"Bearer {TOKEN}", **(headers or {})}
+                method, path, body, {"Authorization": f"Bearer {TOKEN}", **(headers or {})}
             )
             reply = conn.getresponse()
-            return reply.status, reply.read()
+            return reply.status, reply.headers, reply.read()
         finally:
             conn.close()
 
@@ -459,6 +471,43 @@ def test_the_per_client_limit_is_a_429_shared_with_grpc(api: Api) -> None:
         except openai.RateLimitError:
             assert time.monotonic() < deadline, "the closed streams kept their places"
             time.sleep(0.2)
+
+
+def test_web_view_page_is_open_and_the_swarm_behind_the_token(api: Api) -> None:
+    """The page (no data in it) loads without the token, so that one can be typed in; the
+    swarm it shows needs the token, and is the gRPC Status's (what ``mbt status`` prints)."""
+    status, headers, page = api.call("GET", "/", headers={"Authorization": ""})
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert b'<script src="/web/view.js"' in page
+    assert "default-src 'self'" in headers["Content-Security-Policy"]  # no inline script
+    status, headers, script = api.call("GET", "/web/view.js")
+    assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+    assert b"/mbt/swarm" in script and b"/v1/completions" in script
+    status, _, body = api.call("GET", "/web/index.py")
+    assert status == 404 and "no such file" in json.loads(body)["error"]["message"]
+
+    status, _, body = api.call("GET", "/mbt/swarm", headers={"Authorization": ""})
+    assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+    status, headers, body = api.call("GET", "/mbt/swarm")
+    assert status == 200 and headers["Cache-Control"] == "no-store"
+    shown = json.loads(body)
+    channel, stub = api.grpc_stub()
+    with channel:
+        metadata = (("authorization", f"Bearer {TOKEN}"),)
+        told = swarm(stub.Status(gw.StatusRequest(), timeout=5, metadata=metadata))
+    assert shown["model"] == told["model"] and shown["model"]["id"] == DEFAULT_MODEL_ID
+    assert {(n["node_id"], n["address"], n["healthy"]) for n in shown["nodes"]} == {
+        (n["node_id"], n["address"], n["healthy"]) for n in told["nodes"]
+    }
+    assert {n["address"] for n in shown["nodes"]} == {n.address for n in api.nodes}
+    assert [
+        [(b["branch"], b["weight"], b["live_replicas"], b["nodes"]) for b in layer["branches"]]
+        for layer in shown["layers"]
+    ] == [
+        [(b["branch"], b["weight"], b["live_replicas"], b["nodes"]) for b in layer["branches"]]
+        for layer in told["layers"]
+    ]
+    assert [len(layer["branches"]) for layer in shown["layers"]] == list(api.branches)
 
 
 def test_client_certificate_mode_is_https_with_the_grpc_rules(api: Api) -> None:

@@ -7,8 +7,10 @@ processes and an aggregator gateway on 127.0.0.1, generates from
 PROMPT through the gateway, then prints what every layer's branches did: which node served each
 branch, how often it answered or was masked, and its latency. Everything is torn down at the
 end, also on Ctrl-C. --kill-node-after N kills one node after N tokens to show an outage.
-The gateway also serves the OpenAI-compatible HTTP API (--http, a free port by default; its
-URL is printed); --keep-running keeps the cluster up after the generation, until Ctrl-C.
+The gateway also serves the OpenAI-compatible HTTP API and the live web view at its root (--http,
+a free port by default; both URLs are printed, the web view's with the cluster's bearer token:
+with TLS, clients of the gateway show a generated token, which a browser can, rather than a
+client certificate); --keep-running keeps the cluster up after the generation, until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from pathlib import Path
 
 from mbt_core.cluster.local import Layout, LocalCluster
 from mbt_core.model.sampling import SamplingConfig
-from mbt_core.wire.gateway_client import OUTCOME_NAMES, describe_layers, generate_remote
+from mbt_core.wire.gateway_client import describe_layers, generate_remote
+from mbt_core.wire.swarm import OUTCOME_NAMES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         Layout(args.nodes, args.replicas),
         gateway_args=tuple(gateway_args),
         tls=not args.insecure,
+        api_token=True,  # a browser can show a token, not the cluster's client certificate
     ) as cluster:
         names = {}
         for i, (node, served) in enumerate(zip(cluster.nodes, cluster.served, strict=True)):
@@ -105,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if cluster.http_url:
             print(f"  OpenAI API {cluster.http_url}{_client_files(cluster)}", file=sys.stderr)
+            print(f"  web view {web_view_url(cluster)}", file=sys.stderr)
         print(file=sys.stderr)
         stats: dict[tuple[int, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
         latencies = []
@@ -134,11 +139,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _client_files(cluster: LocalCluster) -> str:
-    """With TLS, the files a client needs (curl --cert/--key/--cacert)."""
+    """With TLS, the files a client needs (curl --cacert, and the token or a certificate)."""
     tls = cluster.credentials.tls
     if not tls.enabled:
         return ""
+    if cluster.api_token_file is not None:
+        return f" (bearer token in {cluster.api_token_file}, CA {tls.ca})"
     return f" (client certificate {tls.cert}, key {tls.key}, CA {tls.ca})"
+
+
+def web_view_url(cluster: LocalCluster) -> str:
+    """The web view, with the bearer token in the fragment (which the browser keeps to itself:
+    the page reads it and sends it as a header). With TLS the certificate is the throw-away
+    cluster CA's, which a browser does not know: it asks once whether to go on."""
+    token = cluster.credentials.token
+    return cluster.web_url + (f"#token={token}" if token else "")
 
 
 def _serve_until_stopped(cluster: LocalCluster) -> None:
@@ -148,6 +163,7 @@ def _serve_until_stopped(cluster: LocalCluster) -> None:
     print(
         f"\nserving: gRPC {cluster.address}"
         + (f", OpenAI API {cluster.http_url}" if cluster.http_url else "")
+        + (f", web view {web_view_url(cluster)}" if cluster.web_url else "")
         + "; Ctrl-C stops",
         file=sys.stderr,
         flush=True,

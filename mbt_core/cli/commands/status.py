@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mbt_core.cli.flags import add_gateway_client_arguments, gateway_credentials
-
-if TYPE_CHECKING:
-    from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
+from mbt_core.wire.swarm import swarm
 
 ID_WIDTH = 16  # node ids are key fingerprints: their start tells them apart
 
@@ -27,51 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_gateway_client_arguments(p, help="the mbt-aggregator to ask (required)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     p.add_argument("--timeout-s", type=float, default=10.0, help="give up on the gateway after")
-
-
-def swarm(status: gw.StatusResponse) -> dict[str, Any]:
-    """The Status reply as plain data: nodes, then layers of branches with their replicas."""
-    from mbt_core.wire.gateway_client import OUTCOME_NAMES
-
-    serving: dict[str, list[str]] = {}
-    for n in status.nodes:
-        for key in n.branches:
-            serving.setdefault(key, []).append(n.node_id)
-    layers: dict[int, list[dict[str, Any]]] = {}
-    for b in status.branches:
-        layers.setdefault(b.layer, []).append(
-            {
-                "branch": b.branch,
-                "weight": round(b.weight, 4),
-                "live_replicas": b.live_replicas,
-                "nodes": serving.get(f"{b.layer}:{b.branch}", []),
-                "recent": {
-                    "ok": b.recent_ok,
-                    "masked": b.recent_masked,
-                    "rejected": b.recent_rejected,
-                    "last": OUTCOME_NAMES.get(b.last_outcome, "-"),
-                },
-            }
-        )
-    return {
-        "model": {
-            "id": status.model_id,
-            "version": status.model_version,
-            "manifest_sha256": status.manifest_sha256,
-        },
-        "policy": status.policy,
-        "nodes": [
-            {
-                "node_id": n.node_id,
-                "address": n.address,
-                "healthy": n.healthy,
-                "latency_ms": round(n.latency_ms, 3),
-                "branches": list(n.branches),
-            }
-            for n in status.nodes
-        ],
-        "layers": [{"layer": i, "branches": layers[i]} for i in sorted(layers)],
-    }
 
 
 def table(rows: list[list[str]]) -> str:
