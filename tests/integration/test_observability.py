@@ -49,7 +49,10 @@ def cluster(
     path = tmp_path_factory.mktemp("observed") / "tiny.safetensors"
     save_checkpoint(path, MBTLanguageModel(tiny_config).eval(), tiny_tokenizer, {})
     layout = Layout(nodes=2)
-    with LocalCluster(path, layout, node_args=("--metrics-port", "0", "--no-advertise")) as c:
+    # Static peers only: a gateway browsing mDNS would also see (and, rightly, reject and count)
+    # the nodes of other clusters on this host, which MbtNodesRejected alerts on.
+    node_args = ("--metrics-port", "0", "--no-advertise")
+    with LocalCluster(path, layout, node_args=node_args, gateway_args=("--no-mdns",)) as c:
         yield c
 
 
@@ -244,7 +247,7 @@ def _alerts(prometheus: Prometheus) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_alerts_fire_on_a_node_kill_and_resolve_on_its_return(
+def test_alerts_fire_on_a_hung_node_and_resolve_on_its_return(
     cluster: LocalCluster, prometheus: Prometheus
 ) -> None:
     """The long version (``pytest -m slow``): a minute and more of steady traffic, a node hung
@@ -252,9 +255,10 @@ def test_alerts_fire_on_a_node_kill_and_resolve_on_its_return(
     (after their ``for``), then resumed on the same ports until they resolve; every dashboard
     expression has data under traffic. (A SIGKILLed node restarted with ``--metrics-port 0``
     would come back on another port, where the static scrape target does not look.)"""
-    for i in range(len(cluster.nodes)):  # whatever the module's other tests did to them
+    for i in range(len(cluster.nodes)):  # killed by an earlier test: back on its scraped port
         if not cluster.node_running(i):
-            cluster.restart_node(i)
+            port = cluster.node_metrics_urls[i].split(":")[-1].split("/")[0]
+            cluster.restart_node(i, ("--metrics-port", port))
     cluster.wait_until_complete()
     stop, generated = threading.Event(), [0]
 
@@ -272,8 +276,7 @@ def test_alerts_fire_on_a_node_kill_and_resolve_on_its_return(
             if all(math.isnan(float(r["value"][1])) for r in prometheus.query(_promql(expr)))
         ]
         assert not blank, f"dashboard expressions without data under traffic: {blank}"
-        rejected = prometheus.query("mbt_nodes_rejected_total > 0")
-        assert not _alerts(prometheus), f"alerts on a healthy cluster (rejections: {rejected})"
+        _until(lambda: not _alerts(prometheus), "no alert on the healthy cluster", 30)
 
         cluster.pause_node(0)
         expected = {"MbtBranchWithoutReplica", "MbtNodeMetricsDown"}  # both `for: 1m`
