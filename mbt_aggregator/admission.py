@@ -5,8 +5,10 @@ one the node's certificate proves (:mod:`mbt_aggregator.identity`), which must e
 its mDNS record claimed (a static peer claims none), and the channel pins that id; without
 TLS only the claim and ``Describe``'s answer can be compared. Then membership: with a signed
 roster or an allow-list, the id must be on it. Then the model: the node must report the
-manifest's model id, version and digest, and for every branch it serves the artifact hash the
-manifest lists. Rejections carry a short reason for metrics (identity, roster, tls, ...).
+manifest's model id, version and digest (or those of an earlier manifest that the current one
+expands compatibly, :mod:`mbt_aggregator.expansion`), and for every branch it serves the
+artifact hash the manifest lists. Rejections carry a short reason for metrics (identity,
+roster, tls, ...).
 
 An admitted node carries what its ``Describe`` said about calls (limits per Forward, its
 per-caller session quota) and the dtype its layer inputs will travel in: the gateway's
@@ -44,6 +46,16 @@ class Expectation:
     branch_hashes: dict[tuple[int, int], str]
     allowed_ids: frozenset[str] | None = None
     roster_ids: frozenset[str] | None = None  # from a verified, operator-signed roster
+    # Earlier manifests this gateway served, that the current one expands compatibly: a node
+    # still on one of them is admitted for its branches, whose hashes the current one keeps.
+    earlier: frozenset[tuple[int, str]] = frozenset()  # (model version, manifest digest)
+
+    def serves(self, model_version: int, manifest_sha256: str) -> bool:
+        """Whether a node reporting this manifest serves the expected model."""
+        current = (self.model_version, self.manifest_sha256)
+        return (model_version, manifest_sha256) == current or (
+            (model_version, manifest_sha256) in self.earlier
+        )
 
     @classmethod
     def from_manifest(
@@ -51,6 +63,7 @@ class Expectation:
         manifest: Manifest,
         allowed_ids: frozenset[str] | None = None,
         roster_ids: frozenset[str] | None = None,
+        earlier: frozenset[tuple[int, str]] = frozenset(),
     ) -> Expectation:
         hashes = {
             (e.layer, e.branch): e.sha256
@@ -65,6 +78,7 @@ class Expectation:
             hashes,
             allowed_ids,
             roster_ids,
+            earlier,
         )
 
 
@@ -148,13 +162,14 @@ def _check(address: str, info: NodeInfo, expect: Expectation) -> None:
 
     if info.protocol_version != PROTOCOL_VERSION:
         reject("protocol", f"speaks version {info.protocol_version}")
-    if info.model_id != expect.model_id or info.model_version != expect.model_version:
+    known = {expect.model_version} | {version for version, _ in expect.earlier}
+    if info.model_id != expect.model_id or info.model_version not in known:
         reject(
             "model",
             f"serves {info.model_id} v{info.model_version}, "
             f"expected {expect.model_id} v{expect.model_version}",
         )
-    if info.manifest_sha256 != expect.manifest_sha256:
+    if not expect.serves(info.model_version, info.manifest_sha256):
         reject(
             "manifest",
             f"manifest {info.manifest_sha256[:16]}, expected {expect.manifest_sha256[:16]}",

@@ -11,11 +11,12 @@ from mbt_aggregator.auth import API_AUTH_MODES, ApiAuth
 from mbt_aggregator.config import WIRE_DTYPES, AggregatorConfig, GatewayLimits
 from mbt_aggregator.defense_cli import add_defense_arguments, defense_from_args
 from mbt_aggregator.engine import GatherConfig
+from mbt_aggregator.expansion import ACTIONS, ExpansionConfig
 from mbt_aggregator.policy import MODES, FanoutPolicy
 from mbt_aggregator.server import run_gateway
 from mbt_core.cli.flags import (
-    LOG_LEVELS,
     add_artifact_arguments,
+    add_log_arguments,
     add_rpc_limit_argument,
     add_tls_arguments,
     tls_config_from_args,
@@ -188,14 +189,83 @@ def build_parser() -> argparse.ArgumentParser:
         "compute dtype, from Describe), or float32, bfloat16, float16 for every node (half the "
         "bytes of float32, at a small cost in accuracy: mbt-aggregator-bench --wire-dtypes)",
     )
+    add_expansion_arguments(p)
     p.add_argument(
         "--device",
         default="cpu",
         help="where the trunk runs (embedding, LM head, sampling): cpu or cuda[:N]; layer "
         "fusion stays on the CPU, next to the network",
     )
-    p.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
+    add_log_arguments(p)
     return p
+
+
+def add_expansion_arguments(p: argparse.ArgumentParser) -> None:
+    exp = ExpansionConfig()
+    g = p.add_argument_group(
+        "live expansion",
+        "a signed manifest of a later version that only adds branches (mbt expand) is taken "
+        "without a restart, on SIGHUP or when the --artifacts folder changes; its new branches "
+        "ramp in while a probe text measures their drift",
+    )
+    g.add_argument(
+        "--watch-artifacts",
+        type=float,
+        default=exp.watch_s,
+        metavar="SECONDS",
+        help="how often to look for a changed --artifacts folder (0: only on SIGHUP)",
+    )
+    g.add_argument(
+        "--expand-max-kl",
+        type=float,
+        default=exp.max_kl,
+        help="largest drift (KL of the probe's next-token distributions from beta 0, nats "
+        "per token) before the ramp is stopped",
+    )
+    g.add_argument(
+        "--expand-max-ppl-increase",
+        type=float,
+        default=exp.max_ppl_increase,
+        help="largest rise of the probe's perplexity over the old model's, as a fraction",
+    )
+    g.add_argument(
+        "--expand-on-limit",
+        choices=ACTIONS,
+        default=exp.on_limit,
+        help="past a limit: roll back to the old model, or freeze beta where it is",
+    )
+    g.add_argument(
+        "--expand-probe",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="UTF-8 text the drift is measured on (default: a built-in passage; up to one "
+        "context window of it is used)",
+    )
+    g.add_argument(
+        "--expand-probe-interval",
+        type=float,
+        default=exp.probe_interval_s,
+        metavar="SECONDS",
+        help="seconds between two drift probes during a ramp",
+    )
+
+
+def expansion_from_args(args: argparse.Namespace) -> ExpansionConfig:
+    text = None
+    if args.expand_probe is not None:
+        try:
+            text = args.expand_probe.read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--expand-probe {args.expand_probe}: cannot read it ({exc})") from exc
+    return ExpansionConfig(
+        watch_s=args.watch_artifacts,
+        max_kl=args.expand_max_kl,
+        max_ppl_increase=args.expand_max_ppl_increase,
+        on_limit=args.expand_on_limit,
+        probe_interval_s=args.expand_probe_interval,
+        probe_text=text,
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
@@ -238,13 +308,17 @@ def config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         ),
         gather=GatherConfig(max_batch_steps=args.max_batch_steps, gather_ms=args.gather_ms),
         defense=defense_from_args(args),
+        expansion=expansion_from_args(args),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_service(
-        "mbt-aggregator", args.log_level, lambda: run_gateway(config_from_args(args))
+        "mbt-aggregator",
+        args.log_level,
+        lambda: run_gateway(config_from_args(args)),
+        args.log_format,
     )
 
 

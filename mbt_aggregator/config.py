@@ -8,6 +8,7 @@ from pathlib import Path
 from mbt_aggregator.auth import ApiAuth
 from mbt_aggregator.defense import DefenseConfig
 from mbt_aggregator.engine import GatherConfig
+from mbt_aggregator.expansion import ExpansionConfig
 from mbt_aggregator.policy import FanoutPolicy
 from mbt_core.devices import check_device
 from mbt_core.model.config import AggregationConfig
@@ -62,6 +63,7 @@ class AggregatorConfig:
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     gather: GatherConfig = field(default_factory=GatherConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
+    expansion: ExpansionConfig = field(default_factory=ExpansionConfig)
     admit_timeout_s: float = 2.0
     health_interval_s: float = 1.0
     torch_threads: int = 1

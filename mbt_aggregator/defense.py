@@ -47,7 +47,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from mbt_aggregator.metrics import Metrics
+from mbt_aggregator.metrics import OUTPUT_REJECTIONS, Metrics
 from mbt_aggregator.registry import Node, QuarantinePolicy, Registry
 from mbt_aggregator.reports import Answer
 from mbt_core.artifacts.calibration import DEFAULT_REJECT_FACTOR, check_outputs
@@ -58,8 +58,7 @@ log = logging.getLogger("mbt_aggregator")
 
 OFF, AUDIT, MEDIAN = "off", "audit", "median"
 REPLICA_CHECKS = (OFF, AUDIT, MEDIAN)
-NON_FINITE, NORM, OUTVOTED, DISAGREEMENT = "non_finite", "norm", "outvoted", "disagreement"
-ODD_ONE_OUT = "odd_one_out"
+NON_FINITE, NORM, OUTVOTED, ODD_ONE_OUT, DISAGREEMENT = OUTPUT_REJECTIONS
 MEDIAN_REPLICAS = 3  # the fewest that outvote one bad replica; more would cost more calls
 _TINY = 1e-12  # keeps relative distances finite for all-zero rows
 _UNBOUNDED = torch.finfo(torch.float32).max  # a branch without a bound: only Inf/NaN norms fail
@@ -155,6 +154,12 @@ class Defense:
         self._alerts: dict[BranchKey, int] = {}  # branch -> steps left to audit, all of them
         self._disagreed: dict[str, dict[str, float]] = {}  # node -> other node -> when
         self._clock = time.monotonic
+
+    def add_bounds(self, bounds: Mapping[BranchKey, NormBound]) -> None:
+        """Bounds of branches that joined (an expansion's manifest signs them)."""
+        if self.config.bounds:
+            self.bounds.update({k: b.bound for k, b in bounds.items()})
+            self._limits.clear()
 
     @classmethod
     def off(cls) -> Defense:
@@ -277,7 +282,7 @@ class Defense:
         if not branches:
             return []
         limits = self._limits.get(layer)
-        if limits is None or limits.shape[0] < outputs.shape[0]:
+        if limits is None or limits.shape[0] != outputs.shape[0]:  # width changed
             limits = self._limits[layer] = torch.tensor(
                 [[self.bounds.get((layer, b), _UNBOUNDED)] for b in range(outputs.shape[0])]
             )  # (K, 1)

@@ -19,6 +19,7 @@ from torch import Tensor
 from mbt_aggregator.defense import Defense
 from mbt_aggregator.fanout import Fanout, Part
 from mbt_aggregator.metrics import Metrics
+from mbt_aggregator.mix import FusionWeights
 from mbt_aggregator.policy import FanoutPolicy
 from mbt_aggregator.recent import BranchOutcomes
 from mbt_aggregator.registry import Registry
@@ -109,11 +110,12 @@ class Engine:
         self._policy = repr(policy)
         self._recent = metrics.recent
         with torch.no_grad():
-            self._alphas = [layer.weights().detach().cpu() for layer in trunk.layers]
-        self.fanout = Fanout(registry, policy, aggregation, self.defense, metrics, self._alphas)
+            alphas = [layer.weights().detach().cpu() for layer in trunk.layers]
+        self.weights = FusionWeights(alphas)  # what the layers fuse with (an expansion blends)
+        self.fanout = Fanout(registry, policy, aggregation, self.defense, metrics, self.weights)
         self._live: dict[str, float] = {}  # session id -> when it last reached a layer
         self._at: dict[str, int] = {}  # session id -> the layer its step waits in
-        unbounded = sum(len(a) for a in self._alphas) - len(self.defense.bounds)
+        unbounded = sum(len(a) for a in alphas) - len(self.defense.bounds)
         if self.defense.config.bounds and unbounded:
             log.warning(
                 "%d branches have no output-norm bound in the manifest (exported without "
@@ -300,7 +302,7 @@ class Engine:
             BranchState(
                 lay, b, registry.live_replicas((lay, b)), float(alpha[b]), recent.get((lay, b))
             )
-            for lay, alpha in enumerate(self._alphas)
+            for lay, alpha in enumerate(self.weights.shown())
             for b in range(alpha.numel())
         )
         return EngineStatus(nodes, branches, self._policy)

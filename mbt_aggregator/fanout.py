@@ -29,6 +29,7 @@ from mbt_aggregator.client import Payload
 from mbt_aggregator.defense import Defense
 from mbt_aggregator.fit import fits, plan_calls
 from mbt_aggregator.metrics import Metrics
+from mbt_aggregator.mix import FusionWeights, Mix
 from mbt_aggregator.policy import Collected, FanoutPolicy, collect
 from mbt_aggregator.registry import Node, Registry
 from mbt_aggregator.reports import Answer, Reports, StepResult
@@ -268,21 +269,50 @@ class Fanout:
         aggregation: AggregationConfig,
         defense: Defense,
         metrics: Metrics,
-        alphas: list[Tensor],
+        weights: FusionWeights,
     ) -> None:
         self.registry, self.policy, self.defense, self.metrics = registry, policy, defense, metrics
         self._aggregation = aggregation
-        self._alphas = alphas
-        self._weights = [dict(enumerate(alpha.tolist())) for alpha in alphas]
-        self._reports = Reports(metrics, policy.min_branches, self._weights)
+        self.weights = weights
+        self._reports = Reports(metrics, policy.min_branches, weights.current.weights)
         self.node_calls = NodeCalls(registry, self._reports, policy.request_timeout_s)
 
+    def reweighed(self) -> None:
+        """The current mix changed (an expansion's ramp): new branches' series start at 0,
+        and the width diagnostics use the new weights."""
+        for layer, weights in enumerate(self.weights.current.weights):
+            self._reports.declare(layer, weights)
+
     async def step(self, layer: int, parts: list[Part]) -> list[StepResult]:
-        """One layer step of ``parts``: each one's output rows and report, or its failure."""
+        """One layer step of ``parts``: each one's output rows and report, or its failure.
+
+        Steps fuse with their session's mix (the current one, unless pinned): steps of
+        different mixes go out as separate fan-outs, side by side."""
+        current = self.weights.current
+        mixes = [p.session.mix or current for p in parts]
+        first = mixes[0]
+        if all(m is first for m in mixes):
+            return await self._step(layer, parts, first)
+        groups: dict[Mix, list[int]] = {}
+        for i, mix in enumerate(mixes):
+            groups.setdefault(mix, []).append(i)
+        outcomes = await asyncio.gather(
+            *(self._step(layer, [parts[i] for i in idx], m) for m, idx in groups.items()),
+            return_exceptions=True,
+        )
+        results: list[StepResult] = [RuntimeError("not stepped")] * len(parts)
+        for idx, outcome in zip(groups.values(), outcomes, strict=True):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            for n, i in enumerate(idx):
+                results[i] = outcome if isinstance(outcome, BaseException) else outcome[n]
+        return results
+
+    async def _step(self, layer: int, parts: list[Part], mix: Mix) -> list[StepResult]:
         t0 = time.perf_counter()
-        alpha = self._alphas[layer]
+        alpha = mix.alphas[layer]
         k = alpha.numel()
-        got = await self.collect(layer, parts)
+        got = await self.collect(layer, parts, mix)
         rows = [p.h.shape[0] for p in parts]
         outputs, present, refused = self.defense.screen_layer(
             layer, k, got.results, sum(rows), parts[0].h
@@ -300,12 +330,16 @@ class Fanout:
         except NoBranchAvailable as exc:
             self._reports.quorum_failed(layer)
             raise QuorumNotReached(f"layer {layer}: {exc}") from exc
-        return self._reports.results(layer, got, fused, refused, rows, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        return self._reports.results(layer, got, fused, refused, rows, elapsed, mix.weights[layer])
 
-    async def collect(self, layer: int, parts: list[Part]) -> Collected[int, Answer]:
+    async def collect(
+        self, layer: int, parts: list[Part], mix: Mix | None = None
+    ) -> Collected[int, Answer]:
         """Every branch's answer as the policy collects them; late calls run on, and a late
         primary whose hedge was used audits it when it answers."""
-        replicas = self.registry.layer_replicas(layer, len(self._weights[layer]))
+        weights = (mix or self.weights.current).weights[layer]
+        replicas = self.registry.layer_replicas(layer, len(weights))
         asked = {
             b: self.defense.replicas_to_ask(len(nodes), (layer, b)) for b, nodes in replicas.items()
         }
@@ -329,7 +363,7 @@ class Fanout:
         got: Collected[int, Answer] = await collect(
             primary,
             self.policy,
-            weights=self._weights[layer],
+            weights=weights,
             hedges=hedges,
             hedge_after_s=hedge_after,
         )
@@ -338,12 +372,12 @@ class Fanout:
         for b in got.answered_by_hedge:  # the late primary, when it answers, audits the hedge
             for task in got.late.get(b, ()):
                 task.add_done_callback(
-                    functools.partial(self._cross_check, layer, b, got.results[b])
+                    functools.partial(self._cross_check, layer, len(weights), b, got.results[b])
                 )
         return got
 
     def _cross_check(
-        self, layer: int, branch: int, used: Answer, primary: asyncio.Task[Answer]
+        self, layer: int, k: int, branch: int, used: Answer, primary: asyncio.Task[Answer]
     ) -> None:
         """A hedged step's primary answered after the hedge that was used: compare the two,
         as an audit would (a free one)."""
@@ -354,7 +388,7 @@ class Fanout:
             return
         self._reports.audit(layer, branch)
         pair = {branch: replace(used, others=(late,))}  # screened as an audit's pair: counted
-        k, rows = len(self._weights[layer]), used.outputs.shape[0]
+        rows = used.outputs.shape[0]
         self.defense.screen_layer(layer, k, pair, rows, used.outputs)
 
     def _voter(self, replicas: list[Node], asked: int, calls: LayerCalls, branch: int) -> Call:

@@ -34,11 +34,14 @@ from mbt_core.model.tokenizer import Tokenizer
 
 MAX_LOGPROB_BYTES = 256 << 20  # Score with return_logprobs sends (tokens, vocab) float32
 DEFAULT_NEW_TOKENS = 100
-# What mbt_requests_failed_total counts a failed request as, by its error.
+# What mbt_requests_failed_total counts a failed request as, by its error; any other error is
+# "internal" (a fault of the gateway or the swarm, never of the client).
 FAILURE_REASON: dict[type[Exception], str] = {
     InvalidRequest: "invalid",
     QuorumNotReached: "quorum",
 }
+INTERNAL = "internal"
+FAILURE_REASONS = (*FAILURE_REASON.values(), INTERNAL)
 _background: set[asyncio.Task[None]] = set()
 T = TypeVar("T")
 
@@ -193,7 +196,7 @@ class Gateway:
         self, engine: Engine, tokenizer: Tokenizer, limits: GatewayLimits, metrics: Metrics
     ) -> None:
         self.engine, self.tokenizer, self.limits, self.metrics = engine, tokenizer, limits, metrics
-        for reason in FAILURE_REASON.values():  # every series from the start, at 0
+        for reason in FAILURE_REASONS:  # every series from the start, at 0
             metrics.requests_failed.labels(reason=reason)
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[TextEvent, None]:
@@ -264,10 +267,11 @@ class Gateway:
 
     @contextlib.contextmanager
     def _counted(self) -> Iterator[None]:
-        """Count a request that fails for a reason clients are told (limits, quorum)."""
+        """Count a request that fails, by its reason. A client that goes away (cancellation,
+        a closed stream: not an ``Exception``) is no failure."""
         try:
             yield
-        except tuple(FAILURE_REASON) as exc:
-            reason = next(FAILURE_REASON[c] for c in type(exc).__mro__ if c in FAILURE_REASON)
-            self.metrics.requests_failed.labels(reason=reason).inc()
+        except Exception as exc:
+            reasons = (FAILURE_REASON[c] for c in type(exc).__mro__ if c in FAILURE_REASON)
+            self.metrics.requests_failed.labels(reason=next(reasons, INTERNAL)).inc()
             raise

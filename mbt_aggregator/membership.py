@@ -75,6 +75,7 @@ class Membership:
         tls: ClusterTls | None = None,
         wire_dtype: torch.dtype | None = None,
         retry_cap_s: float = 30.0,
+        repeat_log_s: float = REPEAT_LOG_S,
     ) -> None:
         self.registry = registry
         self.expect = expect
@@ -86,6 +87,7 @@ class Membership:
         self.tls = tls
         self.wire_dtype = wire_dtype
         self.retry_cap_s = retry_cap_s
+        self.repeat_log_s = repeat_log_s
         self._health_failures: dict[str, int] = {}
         self._pending: set[str] = set()
         self._watched: dict[str, _Watched] = {}
@@ -107,6 +109,14 @@ class Membership:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for node in self.registry.nodes:
             await node.client.close()
+
+    def expect_now(self, expect: Expectation) -> None:
+        """Admit against ``expect`` from now on (a live expansion, or its rollback): admitted
+        nodes that no longer match leave at their next health check, and every address that
+        was refused is tried again at once."""
+        self.expect = expect
+        for watched in self._watched.values():
+            watched.next_try = 0.0
 
     async def offer(self, address: str, source: str, claimed_id: str | None = None) -> None:
         """Watch ``address`` and try to admit the node there now (no-op when one is admitted
@@ -252,7 +262,7 @@ class Membership:
 
     def _rejected(self, address: str, watched: _Watched, exc: Rejected) -> None:
         """Count, back off, and log once when it starts failing (or fails otherwise), then at
-        most once every ``REPEAT_LOG_S`` with the count in between."""
+        most once every ``repeat_log_s`` with the count in between."""
         self.metrics.nodes_rejected.labels(reason=exc.reason).inc()
         now = self._now()
         watched.failures += 1
@@ -264,7 +274,7 @@ class Membership:
             watched.down_since, watched.reason = now, exc.reason
             watched.logged_at, watched.unlogged = now, 0
             log.warning("%s", exc)
-        elif now - watched.logged_at >= REPEAT_LOG_S:
+        elif now - watched.logged_at >= self.repeat_log_s:
             log.warning("%s (%d more tries failed alike)", exc, watched.unlogged + 1)
             watched.logged_at, watched.unlogged = now, 0
         else:
@@ -290,7 +300,9 @@ class Membership:
             info = await node.client.describe(timeout_s=self.admit_timeout_s)
         except NodeCallError:
             return False
-        return info.node_id == node.node_id and info.manifest_sha256 == self.expect.manifest_sha256
+        return info.node_id == node.node_id and self.expect.serves(
+            info.model_version, info.manifest_sha256
+        )
 
     async def _drop(self, node: Node, why: str, level: int) -> None:
         if self.registry.get(node.node_id) is node:
@@ -320,7 +332,9 @@ class Membership:
                     node, f"{failures} failed health checks ({exc.status})", logging.WARNING
                 )
             return
-        if info.node_id != node.node_id or info.manifest_sha256 != self.expect.manifest_sha256:
+        if info.node_id != node.node_id or not self.expect.serves(
+            info.model_version, info.manifest_sha256
+        ):
             # Another process answers at the address (a restart with a new identity, or other
             # artifacts): what was admitted is gone, and the newcomer must pass admission.
             await self._drop(node, f"node {info.node_id[:16]} answers there now", logging.INFO)

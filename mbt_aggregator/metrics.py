@@ -13,10 +13,14 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mbt_aggregator.recent import RecentSteps
+from mbt_aggregator.reports import MASKED, REJECTED
 
 # What Membership counts besides admissions and rejections (each series exists from the start).
 MEMBERSHIP_EVENTS = ("id_conflict", "goodbye_ignored", "displaced", "reinstated")
 CALL_OUTCOMES = ("ok", "timeout", "error", "rejected")  # of one branch call (mbt_branch_calls)
+# Why rows of a branch's output are refused (mbt_aggregator.defense, mbt_rejected_outputs).
+OUTPUT_REJECTIONS = ("non_finite", "norm", "outvoted", "odd_one_out", "disagreement")
+DISCOVERY_SOURCES = ("static", "mdns", "recheck")  # where membership learnt of a candidate
 # Why a candidate node is refused (admission.py, identity.py, membership.py): each series
 # exists from the start, so the first refusal raises increase() above 0.
 REJECTION_REASONS = (
@@ -140,6 +144,8 @@ class Metrics:
         self.nodes_discovered = Counter(
             "mbt_nodes_discovered_total", "Candidate nodes found", ["source"], registry=r
         )
+        for source in DISCOVERY_SOURCES:
+            self.nodes_discovered.labels(source=source)
         self.nodes_admitted = Counter("mbt_nodes_admitted_total", "Nodes admitted", registry=r)
         self.nodes_rejected = Counter(
             "mbt_nodes_rejected_total", "Candidate nodes refused", ["reason"], registry=r
@@ -184,17 +190,38 @@ class Metrics:
         self.quarantined_nodes.set_function(quarantined)
         self.unended_sessions.set_function(unended)
 
+    def declare_layer(self, layer: int, alpha: Mapping[int, float]) -> None:
+        """Every series of a layer and of its branches (``alpha``: branch -> weight), at 0:
+        the first masked branch, quorum failure or refused output then raises ``increase()``
+        above 0 (a series born with its first event starts at 1, and the alerts on it would
+        miss that event). Called again as a layer's width grows or its weights change."""
+        self.recent.declare(layer, alpha)
+        labels = {"layer": str(layer)}
+        self.quorum_failures.labels(**labels)
+        self.layer_latency.labels(**labels)
+        self.batch_steps.labels(**labels)
+        for b in alpha:
+            branch = {**labels, "branch": str(b)}
+            for counter in (self.hedges, self.clipped_outputs, self.replica_audits):
+                counter.labels(**branch)
+            for reason in (MASKED, REJECTED):
+                self.masked.labels(**branch, reason=reason)
+            for reason in OUTPUT_REJECTIONS:
+                self.rejected_outputs.labels(**branch, reason=reason)
+
     def admitted(self, node_id: str, branches: Iterable[tuple[int, int]]) -> None:
-        """A node joins: its series exist from now on, at 0, so that its first failed call
-        or replay raises ``rate()`` (and the alerts on it can be evaluated before)."""
+        """A node joins: its series exist from now on, at 0, so that its first failed call,
+        replay or disagreement raises ``rate()`` (and the alerts on it can be evaluated
+        before)."""
         self.nodes_admitted.inc()
         node = node_id[:16]
         self.replays.labels(node=node)
+        self.replica_disagreements.labels(node=node)
         for layer, branch in branches:
+            labels = {"layer": str(layer), "branch": str(branch), "node": node}
+            self.branch_latency.labels(**labels)
             for outcome in CALL_OUTCOMES:
-                self.branch_calls.labels(
-                    layer=str(layer), branch=str(branch), node=node, outcome=outcome
-                )
+                self.branch_calls.labels(**labels, outcome=outcome)
 
     def branch_call(
         self, layer: int, branch: int, node_id: str, outcome: str, seconds: float | None = None

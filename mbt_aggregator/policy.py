@@ -66,6 +66,23 @@ class FanoutPolicy:
         if self.mode == "quorum" and self.quorum_branches is None and self.quorum_weight is None:
             raise ValueError("quorum mode needs quorum_branches or quorum_weight")
 
+    def summary(self) -> str:
+        """One line for people: the mode with what it waits for, then the common bounds."""
+        if self.mode == "quorum":
+            wants = [] if self.quorum_branches is None else [f"{self.quorum_branches} branches"]
+            if self.quorum_weight is not None:
+                wants.append(f"{self.quorum_weight:.0%} of the weight")
+            head = f"quorum of {' or '.join(wants)}, grace {self.grace_ms:g} ms"
+        elif self.mode == "deadline":
+            head = f"deadline {self.deadline_ms:g} ms"
+        else:
+            head = "all branches"
+        hedge = ", hedged" if self.hedge else ""
+        return (
+            f"{head}{hedge}, timeout {self.request_timeout_s:g} s, "
+            f"at least {self.min_branches} branch(es)"
+        )
+
     @property
     def wait_limit_s(self) -> float:
         """The longest wait from sending: the deadline, or the request timeout."""

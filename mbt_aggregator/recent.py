@@ -63,8 +63,10 @@ class _Layer:
         """The diagnostics of the weights a step with ``pattern`` fused."""
         found = self.stats.get(pattern)
         if found is None:
+            # A step of fewer branches than the layer has now ran before they joined.
+            weights = self.weights[: len(pattern)]
             used = torch.tensor(
-                [w if o == OK else 0.0 for w, o in zip(self.weights, pattern, strict=True)]
+                [w if o == OK else 0.0 for w, o in zip(weights, pattern, strict=True)]
             )
             found = self.stats[pattern] = weight_stats(used / used.sum())
         return found
@@ -78,9 +80,15 @@ class RecentSteps(Collector):
 
     def declare(self, layer: int, weights: Mapping[int, float]) -> None:
         """A layer and its alpha per branch: its lost-weight series exist from now on (at 0,
-        so that the first loss raises ``rate()``); its width appears with its first step."""
+        so that the first loss raises ``rate()``); its width appears with its first step.
+        Declared again (width grows, or its weights ramp), the layer's weights are replaced."""
         with self._lock:
-            self._layers.setdefault(layer, _Layer(tuple(weights.values())))
+            found = self._layers.get(layer)
+            if found is None:
+                self._layers[layer] = _Layer(tuple(weights.values()))
+            else:
+                found.weights = tuple(weights.values())
+                found.stats.clear()
 
     def record(self, report: LayerReport, steps: int) -> None:
         """``steps`` session steps of one layer step that share ``report`` (of a declared
@@ -105,11 +113,13 @@ class RecentSteps(Collector):
             for i, layer in self._layers.items():
                 if not layer.window:
                     continue
-                for b in range(len(layer.weights)):
+                last = layer.window[-1][0]
+                for b in range(len(last)):  # branches not called lately have no outcomes
                     counts = dict.fromkeys(OUTCOMES, 0)
                     for pattern, n in layer.window:
-                        counts[pattern[b]] += n
-                    found[(i, b)] = BranchOutcomes(counts, layer.window[-1][0][b])
+                        if b < len(pattern):
+                            counts[pattern[b]] += n
+                    found[(i, b)] = BranchOutcomes(counts, last[b])
         return found
 
     def collect(self) -> Iterator[Metric]:

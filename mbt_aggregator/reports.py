@@ -9,7 +9,7 @@ touch a metric themselves (the defense counts its own verdicts).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -72,18 +72,16 @@ class Reports:
     """Builds a layer step's reports and counts them: masked and rejected branches, hedges,
     quorum failures, the step's latency, and the recent steps (width used, lost weight)."""
 
-    def __init__(self, metrics: Metrics, min_branches: int, weights: list[dict[int, float]]):
+    def __init__(self, metrics: Metrics, min_branches: int, weights: Sequence[dict[int, float]]):
         self.metrics = metrics
         self._min_branches = min_branches
-        self._weights = weights
         for layer, alpha in enumerate(weights):  # every series from the start, at 0
-            metrics.recent.declare(layer, alpha)
-            metrics.quorum_failures.labels(layer=str(layer))
-            for b in alpha:
-                labels = {"layer": str(layer), "branch": str(b)}
-                metrics.hedges.labels(**labels)
-                for reason in (MASKED, REJECTED):
-                    metrics.masked.labels(**labels, reason=reason)
+            self.declare(layer, alpha)
+
+    def declare(self, layer: int, weights: dict[int, float]) -> None:
+        """The series of ``layer`` and its branches (with their ``weights``), at 0: at the
+        start, and again as its width grows or its weights ramp."""
+        self.metrics.declare_layer(layer, weights)
 
     def quorum_failed(self, layer: int, steps: int = 1) -> None:
         self.metrics.quorum_failures.labels(layer=str(layer)).inc(steps)
@@ -120,9 +118,11 @@ class Reports:
         refused: Tensor | None,
         rows: list[int],
         elapsed: float,
+        weights: dict[int, float],
     ) -> list[StepResult]:
-        """Each step's output rows and report, or the quorum failure of its pattern."""
-        k = len(self._weights[layer])
+        """Each step's output rows and report, or the quorum failure of its pattern
+        (``weights``: the step's alpha, for the weight mass it lost)."""
+        k = len(weights)
         for b in got.hedged:
             self.metrics.hedges.labels(layer=str(layer), branch=str(b)).inc()
         patterns: list[Pattern]
@@ -138,7 +138,7 @@ class Reports:
                 )
             )
         shared = Counter(patterns)
-        made = {p: self._report(layer, got, p, elapsed, n) for p, n in shared.items()}
+        made = {p: self._report(layer, got, p, elapsed, n, weights) for p, n in shared.items()}
         for pattern, report in made.items():
             if isinstance(report, LayerReport):
                 self.metrics.recent.record(report, shared[pattern])
@@ -161,6 +161,7 @@ class Reports:
         pattern: Pattern,
         elapsed: float,
         steps: int,
+        weights: dict[int, float],
     ) -> LayerReport | QuorumNotReached:
         """What every branch did for ``steps`` session steps that share one outcome pattern."""
         accepted, rejected = pattern
@@ -190,6 +191,6 @@ class Reports:
                     latency_s=answer.seconds if answer else got.elapsed_s,
                 )
             )
-        weights = self._weights[layer]  # lost: what was left out (exactly 0 when nothing was)
+        # lost: what was left out (exactly 0 when nothing was)
         lost = sum(weights[b] for b, ok in enumerate(accepted) if not ok)
         return LayerReport(layer, tuple(reports), elapsed, lost)

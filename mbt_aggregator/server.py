@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
+import signal
 
 import grpc
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 
 from mbt_aggregator import webview
@@ -35,6 +33,7 @@ from mbt_aggregator.chat import ChatTemplate
 from mbt_aggregator.config import AggregatorConfig
 from mbt_aggregator.defense import Defense
 from mbt_aggregator.engine import Engine
+from mbt_aggregator.expansion import Expander, Serving
 from mbt_aggregator.generation import Gateway
 from mbt_aggregator.http_server import HttpServer, PeerCertificates, bind
 from mbt_aggregator.identity import ClusterTls
@@ -45,13 +44,14 @@ from mbt_aggregator.registry import Registry
 from mbt_aggregator.servicer import GatewayServicer
 from mbt_core.artifacts.load import load_trunk, load_verified_manifest, trunk_model
 from mbt_core.artifacts.manifest import manifest_digest
-from mbt_core.cli.service import settle_heap, stop_on_signals, warn_plaintext
+from mbt_core.cli.service import say, settle_heap, stop_on_signals, warn_plaintext
 from mbt_core.devices import open_device
 from mbt_core.trust.roster import load_roster
 from mbt_core.wire.codec import DTYPES
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 from mbt_core.wire.server import ClientSlots, MalformedRequests, PerClientLimit
+from mbt_core.wire.services import add_standard_services
 from mbt_core.wire.swarm import swarm
 
 log = logging.getLogger("mbt_aggregator")
@@ -78,9 +78,10 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
     registry = Registry()
     defense = Defense(cfg.defense, manifest.norm_bounds())
     engine = Engine(trunk, registry, cfg.policy, cfg.aggregation, metrics, cfg.gather, defense)
+    expectation = Expectation.from_manifest(manifest, cfg.allowed_node_ids, roster)
     membership = Membership(
         registry,
-        Expectation.from_manifest(manifest, cfg.allowed_node_ids, roster),
+        expectation,
         metrics,
         cfg.peers,
         cfg.admit_timeout_s,
@@ -97,18 +98,22 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
         maximum_concurrent_rpcs=cfg.limits.max_concurrent_rpcs,
     )
     gateway = Gateway(engine, trunk_files.tokenizer, cfg.limits, metrics)
-    servicer = GatewayServicer(gateway, engine, manifest, digest)
-    gw_grpc.add_GatewayServiceServicer_to_server(servicer, server)
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+    servicer = GatewayServicer(gateway, engine, manifest, digest, cfg.policy)
+    expander = Expander(
+        cfg.expansion,
+        cfg.artifacts,
+        trust,
+        cfg.trust.threshold,
+        cfg.state_file,
+        Serving(manifest, expectation, servicer.serve),
+        engine,
+        membership,
+        trunk_files.tokenizer,
+        metrics.registry,
     )
+    servicer.expansion = lambda: expander.state
+    gw_grpc.add_GatewayServiceServicer_to_server(servicer, server)
+    health = add_standard_services(server, SERVICE_NAME)
     if cluster_tls is not None:
         credentials = server_credentials(cluster_tls.material, cfg.api_auth)
         port = server.add_secure_port(cfg.listen, credentials)
@@ -137,6 +142,8 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
         httpd, _ = start_http_server(cfg.metrics_port, cfg.metrics_host, registry=metrics.registry)
         metrics_note = f"metrics on http://{cfg.metrics_host}:{httpd.server_port}/metrics"
     await membership.start()
+    expander.start()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, expander.check_now)
     if browser is not None:
         await browser.start()
     gauge_task = asyncio.create_task(_replica_gauges(engine, metrics))
@@ -163,13 +170,14 @@ async def run_gateway(cfg: AggregatorConfig, stop: asyncio.Event | None = None) 
             await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         gauge_task.cancel()
         await asyncio.gather(server.stop(5.0), *([http.stop()] if http is not None else []))
+        await expander.stop()
         await engine.close()
         if browser is not None:
             await browser.stop()
         await membership.stop()
         if httpd is not None:
             httpd.shutdown()
-    print("mbt-aggregator stopped", file=sys.stderr, flush=True)
+    say("mbt-aggregator", "stopped")
 
 
 async def _replica_gauges(engine: Engine, metrics: Metrics) -> None:

@@ -8,14 +8,16 @@ request may end with into gRPC status codes.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
 from mbt_aggregator.engine import BranchState, Engine
+from mbt_aggregator.expansion import ExpansionState
 from mbt_aggregator.generation import Gateway, GenerateRequest, read_ahead
+from mbt_aggregator.policy import FanoutPolicy
 from mbt_aggregator.reports import MASKED, OK, REJECTED, LayerReport
-from mbt_core.artifacts.manifest import Manifest
+from mbt_core.artifacts.manifest import Manifest, manifest_digest
 from mbt_core.errors import InvalidRequest, MbtError, QuorumNotReached
 from mbt_core.wire.codec import encode
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
@@ -69,12 +71,23 @@ async def _abort(context: grpc.aio.ServicerContext, exc: MbtError) -> None:
 
 class GatewayServicer(gw_grpc.GatewayServiceServicer):
     def __init__(
-        self, gateway: Gateway, engine: Engine, manifest: Manifest, manifest_sha256: str
+        self,
+        gateway: Gateway,
+        engine: Engine,
+        manifest: Manifest,
+        manifest_sha256: str,
+        policy: FanoutPolicy,
     ) -> None:
         self.gateway = gateway
         self.engine = engine
         self.manifest = manifest
         self.manifest_sha256 = manifest_sha256
+        self.policy = policy
+        self.expansion: Callable[[], ExpansionState] = ExpansionState
+
+    def serve(self, manifest: Manifest) -> None:
+        """The model the gateway serves now (a live expansion, or its rollback)."""
+        self.manifest, self.manifest_sha256 = manifest, manifest_digest(manifest)
 
     async def Generate(
         self, request: gw.GenerateRequest, context: grpc.aio.ServicerContext
@@ -120,7 +133,8 @@ class GatewayServicer(gw_grpc.GatewayServiceServicer):
             model_id=self.manifest.model_id,
             model_version=self.manifest.model_version,
             manifest_sha256=self.manifest_sha256,
-            policy=status.policy,
+            policy=self.policy.summary(),
+            fanout_policy=fanout_policy(self.policy),
             nodes=[
                 gw.NodeStatus(
                     node_id=n.node_id,
@@ -132,7 +146,36 @@ class GatewayServicer(gw_grpc.GatewayServiceServicer):
                 for n in status.nodes
             ],
             branches=[branch_status(s) for s in status.branches],
+            expansion=expansion_status(self.expansion()),
         )
+
+
+def expansion_status(e: ExpansionState) -> gw.ExpansionStatus:
+    return gw.ExpansionStatus(
+        state=e.state,
+        from_version=e.from_version,
+        to_version=e.to_version,
+        beta=e.beta,
+        target=e.target,
+        drift_kl=e.drift_kl,
+        probe_perplexity=e.probe_perplexity,
+        base_perplexity=e.base_perplexity,
+        reason=e.reason,
+        new_branches=[f"{lay}:{b}" for lay, b in e.new_branches],
+    )
+
+
+def fanout_policy(p: FanoutPolicy) -> gw.FanoutPolicy:
+    return gw.FanoutPolicy(
+        mode=p.mode,
+        request_timeout_s=p.request_timeout_s,
+        quorum_branches=p.quorum_branches,
+        quorum_weight=p.quorum_weight,
+        grace_ms=p.grace_ms,
+        deadline_ms=p.deadline_ms,
+        min_branches=p.min_branches,
+        hedge=p.hedge,
+    )
 
 
 def branch_status(s: BranchState) -> gw.BranchStatus:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from mbt_aggregator.mix import Mix
 from mbt_aggregator.registry import Registry
 from mbt_aggregator.reports import LayerReport
 
@@ -74,6 +75,7 @@ class Session:
     nodes: set[str] = field(default_factory=set)
     holds_slot: bool = False  # opened through SessionSlots: ending it frees the slot
     ended: bool = False  # set first when it ends: a late call then sends nothing more
+    mix: Mix | None = None  # fuse with these weights (the drift probe); None: the current
 
 
 @dataclass

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mbt_core.cli.flags import (
-    LOG_LEVELS,
     add_artifact_arguments,
+    add_log_arguments,
     add_rpc_limit_argument,
     add_tls_arguments,
     tls_config_from_args,
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "port, -1: off)",
     )
     p.add_argument("--metrics-host", default="127.0.0.1")
-    p.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
+    add_log_arguments(p)
     return p
 
 
@@ -206,7 +206,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_service("mbt-node", args.log_level, lambda: run_node(config_from_args(args)))
+    return run_service(
+        "mbt-node", args.log_level, lambda: run_node(config_from_args(args)), args.log_format
+    )
 
 
 if __name__ == "__main__":

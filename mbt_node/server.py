@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 from prometheus_client import start_http_server
 
-from mbt_core.cli.service import settle_heap, stop_on_signals, warn_plaintext
+from mbt_core.cli.service import say, settle_heap, stop_on_signals, warn_plaintext
 from mbt_core.wire.contract import format_branches
 from mbt_core.wire.protocol.mbt.v1 import branch_pb2 as pb
 from mbt_core.wire.protocol.mbt.v1 import branch_pb2_grpc as pb_grpc
 from mbt_core.wire.server import MalformedRequests
+from mbt_core.wire.services import Health, add_standard_services
 from mbt_node.advertise import Advertiser
 from mbt_node.config import NodeConfig
 from mbt_node.metrics import NodeMetrics
@@ -64,16 +62,7 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
     metrics = NodeMetrics(STATUS_OF)  # counted always, served with --metrics-port
     servicer = BranchServicer(metrics)
     pb_grpc.add_BranchServiceServicer_to_server(servicer, server)
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    health = add_standard_services(server, SERVICE_NAME)
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     if material is not None:
         port = server.add_secure_port(cfg.listen, server_credentials(material))
@@ -123,9 +112,9 @@ async def run_node(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
             await runtime.close()
         if httpd is not None:
             httpd.shutdown()
-    print("mbt-node stopped", file=sys.stderr, flush=True)
+    say("mbt-node", "stopped")
 
 
-async def _set_health(health: health_aio.HealthServicer, status: int) -> None:
+async def _set_health(health: Health, status: int) -> None:
     for service in ("", SERVICE_NAME):
         await health.set(service, status)

@@ -38,17 +38,15 @@ def generate(out: Path) -> list[Path]:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     written = sorted(p for p in out.rglob("*") if p.suffix in (".py", ".pyi"))
+    # protoc writes imports relative to proto/ ("from mbt.v1 import ...", "from
+    # grpc.reflection.v1 import ..."): make those of the generated packages absolute.
+    packages = sorted({".".join(p.parent.relative_to(out).parts) for p in written})
+    local = re.compile(rf"^from ({'|'.join(map(re.escape, packages))}) import", flags=re.M)
     for path in written:
-        # protoc writes imports relative to proto/ ("from mbt.v1 import ..."): make them absolute.
-        text = re.sub(
-            r"^from (mbt\.v\d+) import",
-            rf"from {IMPORT_PREFIX}\1 import",
-            path.read_text(),
-            flags=re.M,
-        )
-        path.write_text(text)
-    for folder in {p.parent for p in written} | {out / "mbt", out}:
-        (folder / "__init__.py").touch()
+        path.write_text(local.sub(rf"from {IMPORT_PREFIX}\1 import", path.read_text()))
+    folders = {out, *(f for p in written for f in p.relative_to(out).parents)}
+    for folder in folders:
+        (out / folder / "__init__.py").touch()
     return written
 
 

@@ -4,6 +4,7 @@ load for minutes)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import signal
 import sys
@@ -14,7 +15,7 @@ from types import FrameType
 
 import grpc
 
-from mbt_aggregator.outage.plots import latency_plot, quality_plot
+from mbt_aggregator.outage.ramp import ramp_table, ramp_windows
 from mbt_aggregator.outage.report import baseline_row, table, table_row, write_json
 from mbt_aggregator.outage.runner import BenchConfig, payload, run_outage
 from mbt_aggregator.outage.scenario import Scenario, load_scenario, shipped_names
@@ -48,7 +49,8 @@ node again; match: completed requests whose greedy tokens equal the in-process o
 The sweep kills nodes 0, 1, ... one after another (policy all) and scores the text after
 each kill: quality against the fraction of branches lost.
 
-Output in --out: report.json (everything, per token), latency.png, quality.png.
+Output in --out: report.json (everything, per token), latency.png and quality.png (matplotlib:
+{extra}).
 """
 
 OUTAGE_EPILOG = """\
@@ -75,6 +77,7 @@ FULL_SCENARIOS = ("healthy", "crash", "pause", "slow", "flapping", "byzantine-na
 FULL_LAYOUT = Layout(nodes=4, replicas=2)
 QUICK_LAYOUT = Layout(nodes=2, replicas=1)
 FULL = Workload()
+BENCH_EXTRA = "pip install 'mbt-runtime[bench]'"  # matplotlib, for the plots
 
 
 class _Interrupted(KeyboardInterrupt):
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser(
         "outage",
         help="latency, availability and quality under injected node faults",
-        description=OUTAGE_DOC.format(grace=FULL.recovery_grace_s),
+        description=OUTAGE_DOC.format(grace=FULL.recovery_grace_s, extra=BENCH_EXTRA),
         epilog=OUTAGE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -125,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", type=Path, default=None, help="model (default: shipped)")
     src.add_argument("--artifacts", type=Path, default=None, help="a signed export (mbt export)")
     o.add_argument("--trusted-key", type=Path, action="append", default=[], help="with --artifacts")
+    o.add_argument(
+        "--expand-checkpoint",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the grown model an expand scenario publishes (mbt expand, from the --checkpoint "
+        "model); default: that model grown untrained (noisy copies of its branches)",
+    )
     lay = o.add_mutually_exclusive_group()
     lay.add_argument("--nodes", type=int, default=None, help=f"default {FULL_LAYOUT.nodes}")
     lay.add_argument(
@@ -172,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         "interfaces, partitions, tc-shaped links); always cleaned up",
     )
     o.add_argument("--no-sweep", action="store_true", help="skip the kill 0..k nodes sweep")
+    o.add_argument(
+        "--plots",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"draw latency.png and quality.png (needs matplotlib: {BENCH_EXTRA}; default: "
+        "when matplotlib is installed)",
+    )
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_soak(sub)
     return p
@@ -292,15 +310,26 @@ def run_outage_command(args: argparse.Namespace) -> int:
         quorum_weight=args.quorum_weight,
         sweep=not args.no_sweep,
         progress=not args.no_progress,
+        expand_checkpoint=args.expand_checkpoint,
     )
+    plots = plotting(args.plots)  # before the run: --plots without matplotlib stops here
     args.out.mkdir(parents=True, exist_ok=True)
     result = run_outage(cfg)
     data = payload(cfg, result, args.quick)
-    write_json(args.out / "report.json", data)
-    latency = latency_plot(result.runs, args.out / "latency.png")
-    quality = quality_plot(
-        result.runs, result.sweep, result.baseline.perplexity, args.out / "quality.png"
-    )
+    written = [args.out / "report.json"]
+    write_json(written[0], data)
+    if plots:
+        from mbt_aggregator.outage.plots import latency_plot, quality_plot, ramp_plot
+
+        written.append(latency_plot(result.runs, args.out / "latency.png"))
+        written.append(
+            quality_plot(
+                result.runs, result.sweep, result.baseline.perplexity, args.out / "quality.png"
+            )
+        )
+        ramps = [r for r in result.runs if r.ramp]
+        if ramps:
+            written.append(ramp_plot(ramps, args.out / "ramp.png"))
     base = data["baseline"]
     rows = [
         baseline_row(
@@ -330,8 +359,26 @@ def run_outage_command(args: argparse.Namespace) -> int:
                     f"  {s['nodes_killed']}: {s['lost_fraction']:6.1%}  "
                     f"{s['perplexity']:8.2f}  {s['kl']:.4f}"
                 )
-    print(f"\nwrote {args.out / 'report.json'}, {latency}, {quality}")
+    for r in result.runs:
+        if r.ramp:
+            print(f"\nramp of {r.scenario} / {r.policy}: the gateway's expansion, per second")
+            print(ramp_table(ramp_windows(r.ramp, r.series)))
+    print(f"\nwrote {', '.join(map(str, written))}")
     return 0
+
+
+def plotting(wanted: bool | None) -> bool:
+    """Whether to draw the plots: ``wanted`` (--plots/--no-plots), or by default whether
+    matplotlib is installed. A server install has none (it is the ``bench`` extra): then one
+    line says how to get it, and asking for plots is an error (before the run, not after)."""
+    if wanted is False:
+        return False
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    if wanted:
+        raise ValueError(f"--plots needs matplotlib: {BENCH_EXTRA}")
+    print(f"mbt-bench outage: no plots: matplotlib is not installed ({BENCH_EXTRA})", flush=True)
+    return False
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from mbt_aggregator.outage.netns import NetnsLab
 from mbt_aggregator.outage.scenario import FaultEvent, Scenario
 from mbt_core.cluster.local import LocalCluster
+from mbt_core.model.checkpoint import Checkpoint
 
+ENDED = ("complete", "frozen", "rolled_back", "refused")  # an expansion's ramp is over
 TEST_FAULTS_ENV = "MBT_ENABLE_TEST_FAULTS"  # mbt_node.faults.ENABLE_ENV (no node import here)
 
 
@@ -47,9 +49,29 @@ def node_setups(scenario: Scenario, n_nodes: int, seed: int) -> list[NodeSetup]:
 
 
 class Injector:
-    def __init__(self, cluster: LocalCluster, lab: NetnsLab | None = None) -> None:
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        lab: NetnsLab | None = None,
+        grow: Callable[[FaultEvent], Checkpoint] | None = None,
+    ) -> None:
         self.cluster = cluster
         self.lab = lab
+        self.grow = grow  # the grown model an ``expand`` event publishes
+
+    def expand(self, e: FaultEvent, timeout_s: float = 60.0) -> str:
+        """Grow the served model live (:meth:`LocalCluster.expand`) and wait until the
+        gateway's ramp is over; returns how it ended (complete, frozen, rolled_back)."""
+        if self.grow is None:
+            raise ValueError("this bench cannot grow its model (no grown checkpoint)")
+        self.cluster.expand(self.grow(e))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            state = self.cluster.status().expansion.state
+            if state in ENDED:
+                return state
+            time.sleep(0.2)
+        return "timeout"
 
     def inject(self, action: str, node: int, rate_kbit: int = 0) -> None:
         if action == "kill":
@@ -112,7 +134,7 @@ class Episode:
 @dataclass
 class Marker:
     t_s: float
-    kind: str  # "fault" or "recover"
+    kind: str  # "fault" or "recover"; "expand", then how its ramp ended
     node: int
     action: str
 
@@ -163,6 +185,12 @@ class Disruptor:
     async def _play(self, e: FaultEvent) -> None:
         node = _node(e)
         await self._sleep_until(e.at_s)
+        if e.action == "expand":  # on the whole cluster: a marker, no episode of a node
+            self.markers.append(Marker(self._now(), "expand", -1, "expand"))
+            self.fault_applied.set()
+            ended = await asyncio.to_thread(self.injector.expand, e)
+            self.markers.append(Marker(self._now(), ended, -1, "expand"))
+            return
         if e.action == "flap":
             for _ in range(e.cycles):
                 episode = await self._inject(e.via, node, e)

@@ -102,3 +102,41 @@ def quality_plot(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def ramp_plot(runs: Sequence[RunResult], path: Path) -> Path:
+    """Per expand run: beta and the drift (KL) over time, and the probe's perplexity and the
+    tokens' latency over the same time, the expansion marked."""
+    fig, axes = plt.subplots(2, len(runs), figsize=(4.6 * len(runs) + 0.6, 5.0), squeeze=False)
+    for col, run in enumerate(runs):
+        top, bottom = axes[0][col], axes[1][col]
+        t = [s["t_s"] for s in run.ramp]
+        top.plot(t, [s["beta"] for s in run.ramp], color="tab:blue", label="beta")
+        top.set_ylabel("beta", fontsize=7)
+        top.set_title(f"{run.scenario} / {run.policy}", fontsize=8)
+        kl = top.twinx()
+        measured = [(s["t_s"], s["drift_kl"]) for s in run.ramp if s["drift_kl"] is not None]
+        if measured:
+            kl.plot(*zip(*measured, strict=True), color="tab:red", marker=".", label="drift KL")
+        kl.set_ylabel("drift KL (nats/token)", fontsize=7, color="tab:red")
+        ppl = [(s["t_s"], s["probe_perplexity"]) for s in run.ramp if s["probe_perplexity"]]
+        if ppl:
+            bottom.plot(*zip(*ppl, strict=True), color="tab:purple", marker=".")
+        bottom.set_ylabel("probe perplexity", fontsize=7, color="tab:purple")
+        bottom.set_xlabel("seconds since start", fontsize=7)
+        if run.series:
+            lat = bottom.twinx()
+            ts, ms, _ = zip(*run.series, strict=True)
+            lat.scatter(ts, ms, s=2, color="tab:gray", alpha=0.5)
+            lat.set_yscale("log")
+            lat.set_ylabel("token latency (ms)", fontsize=7, color="tab:gray")
+        for ax in (top, bottom, kl):
+            ax.tick_params(labelsize=7)
+        for m in run.markers:
+            for ax in (top, bottom):
+                ax.axvline(m["t_s"], color="tab:green", linestyle="--", linewidth=0.8)
+    fig.suptitle("live expansion: beta, drift and probe perplexity over the ramp", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

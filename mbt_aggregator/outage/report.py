@@ -118,6 +118,7 @@ class RunResult:
     episodes: list[dict[str, Any]] = field(default_factory=list)
     markers: list[dict[str, Any]] = field(default_factory=list)
     series: list[tuple[float, float, float]] = field(default_factory=list)  # t, ms, lost
+    ramp: list[dict[str, Any]] = field(default_factory=list)  # an expansion's Status samples
 
 
 def summarize(
@@ -180,6 +181,7 @@ def summarize(
         episodes=eps,
         markers=[asdict(m) for m in markers],
         series=[(t.t_s, t.latency_s * 1e3, t.lost_weight) for t in tokens],
+        ramp=list(record.ramp),
     )
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,9 @@ from tqdm import tqdm
 from mbt_aggregator.outage.baseline import Baseline, run_baseline
 from mbt_aggregator.outage.faults import Disruptor, Injector, NodeSetup, node_setups
 from mbt_aggregator.outage.netns import NetnsLab, require_root
+from mbt_aggregator.outage.ramp import sample_ramp
 from mbt_aggregator.outage.report import RunResult, kl_divergence, percentile, summarize
-from mbt_aggregator.outage.scenario import Scenario
+from mbt_aggregator.outage.scenario import FaultEvent, Scenario
 from mbt_aggregator.outage.workload import (
     RunRecord,
     ScoreRecord,
@@ -38,9 +41,12 @@ from mbt_aggregator.outage.workload import (
     run_workload,
     score_text,
 )
+from mbt_core.artifacts.export import EXPANSION_INFO
 from mbt_core.artifacts.load import load_model_from_artifacts
+from mbt_core.artifacts.manifest import Expansion
 from mbt_core.cluster.local import Layout, LocalCluster
 from mbt_core.model.checkpoint import Checkpoint, load_checkpoint
+from mbt_core.model.expand import expand_model
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2 as gw
 from mbt_core.wire.protocol.mbt.v1 import gateway_pb2_grpc as gw_grpc
 
@@ -74,6 +80,7 @@ class BenchConfig:
     quorum_weight: float = 0.7
     sweep: bool = True
     progress: bool = True
+    expand_checkpoint: Path | None = None  # what an expand scenario publishes (mbt expand)
 
     def __post_init__(self) -> None:
         for policy in self.policies:
@@ -81,6 +88,11 @@ class BenchConfig:
         if not self.policies or not self.scenarios:
             raise ValueError("at least one policy and one scenario are needed")
         for s in self.scenarios:
+            if s.expands and self.artifacts is not None:
+                raise ValueError(
+                    f"scenario {s.name}: an expansion is signed with the bench's own key; "
+                    "it cannot grow a given --artifacts export (use --checkpoint)"
+                )
             if s.needs_netns and not self.netns:
                 raise ValueError(f"scenario {s.name} ({s.source}) needs --netns")
             if s.last_fault_s() >= self.workload.duration_s:
@@ -92,6 +104,7 @@ class BenchConfig:
     def gateway_args(self, policy: str) -> tuple[str, ...]:
         mode = policy.removesuffix(HEDGE_SUFFIX)
         args = ["--policy", mode, "--request-timeout-s", f"{self.request_timeout_s:g}"]
+        args += ["--expand-probe-interval", "0.5", "--watch-artifacts", "0"]  # expand: SIGHUP
         if mode == "quorum":
             args += ["--quorum-weight", f"{self.quorum_weight:g}"]
         if mode == "deadline":
@@ -163,7 +176,7 @@ def run_outage(cfg: BenchConfig) -> BenchResult:
                     tls=False,
                 )
             )
-            injector = Injector(cluster, lab)
+            injector = Injector(cluster, lab, grower(cfg, ckpt))
             bar.update()
             policy_now, dirty = cfg.policies[0], False
             for policy in cfg.policies:
@@ -195,6 +208,8 @@ def run_outage(cfg: BenchConfig) -> BenchResult:
                         )
                     )
                     dirty = not scenario.healthy
+                    if scenario.expands:  # the next run starts from the old model again
+                        cluster.revert_expansion()
                     bar.update()
             if cfg.sweep:
                 bar.set_description("sweep: kill 0..k nodes")
@@ -207,6 +222,25 @@ def run_outage(cfg: BenchConfig) -> BenchResult:
     return result
 
 
+def grower(cfg: BenchConfig, served: Checkpoint) -> Callable[[FaultEvent], Checkpoint]:
+    """What an ``expand`` event publishes: ``--expand-checkpoint`` (a model ``mbt expand``
+    grew from the served one), or the served model grown untrained (noisy copies of its
+    branches, :func:`~mbt_core.model.expand.expand_model`); with the event's ramp."""
+
+    def grow(e: FaultEvent) -> Checkpoint:
+        if cfg.expand_checkpoint is not None:
+            grown = load_checkpoint(cfg.expand_checkpoint)
+        else:
+            layers = range(served.model.cfg.n_layers)
+            model = expand_model(served.model, layers, e.add, init="copy", seed=cfg.seed)
+            grown = Checkpoint(model, served.tokenizer, dict(served.info))
+        schedule = Expansion(served.model.cfg.branches, 0.0, 1.0, e.ramp_s)
+        info = {**grown.info, EXPANSION_INFO: json.dumps(schedule.to_dict())}
+        return Checkpoint(grown.model, grown.tokenizer, info)
+
+    return grow
+
+
 async def _one_run(
     address: str,
     injector: Injector,
@@ -217,12 +251,18 @@ async def _one_run(
     disruptor = Disruptor(injector, scenario, node_ids)
     t0 = time.perf_counter()
     disruptor.start(t0)
+    stop = asyncio.Event()
+    sampler = None
+    if scenario.expands:
+        sampler = asyncio.create_task(sample_ramp(address, t0, stop))
     try:
         record = await run_workload(
             address, workload, t0, disruptor.fault_applied, disruptor.settled
         )
     finally:
         await disruptor.cancel()
+        stop.set()
+    record.ramp = [asdict(s) for s in await sampler] if sampler is not None else []
     return record, disruptor
 
 

@@ -16,7 +16,11 @@ down for ``down_s`` then up for ``up_s``, ``via = "kill"`` or ``"pause"``), and 
 ``--netns`` ``partition`` (link down) and ``slow_link`` (``tc tbf`` at ``rate_kbit``). Start
 options, in force from the start of the run (the node is started with them): ``slow``
 (``delay_ms``, the node's ``--delay-ms``) and ``corrupt`` (``mode`` nan|huge|flip|random,
-``rate``: the node's test-only ``--unsafe-test-fault``, a Byzantine node).
+``rate``: the node's test-only ``--unsafe-test-fault``, a Byzantine node). ``expand`` (no
+``node``) grows the model while it serves: the next version with ``add`` branches more per
+layer is published to the gateway, new nodes serve them, and the gateway ramps them in over
+``ramp_s`` (``--expand-checkpoint``: a grown model of ``mbt expand``; default: the served
+model grown untrained, copies of its branches with noise).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 
 from mbt_core.errors import MbtError
 
-TIMED = ("kill", "pause", "flap", "partition", "slow_link")
+TIMED = ("kill", "pause", "flap", "partition", "slow_link", "expand")
 START_OPTIONS = ("slow", "corrupt")
 NETNS_ONLY = ("partition", "slow_link")
 CORRUPT_MODES = ("nan", "huge", "flip", "random")
@@ -45,7 +49,9 @@ _KEYS: dict[str, frozenset[str]] = {
     "flap": frozenset({"cycles", "down_s", "up_s", "via"}),
     "slow": frozenset({"delay_ms"}),
     "corrupt": frozenset({"mode", "rate"}),
+    "expand": frozenset({"add", "ramp_s"}),
 }
+NODELESS = ("expand",)  # actions on the cluster, not on one of its nodes
 _TOP_KEYS = frozenset({"description", "seed", "events"})
 
 
@@ -67,6 +73,8 @@ class FaultEvent:
     delay_ms: float = 0.0  # slow
     mode: str = "random"  # corrupt
     rate: float = 1.0  # corrupt
+    add: int = 2  # expand: new branches per layer
+    ramp_s: float = 6.0  # expand: the schedule's ramp
 
     @property
     def timed(self) -> bool:
@@ -84,6 +92,10 @@ class Scenario:
     @property
     def needs_netns(self) -> bool:
         return any(e.action in NETNS_ONLY for e in self.events)
+
+    @property
+    def expands(self) -> bool:
+        return any(e.action == "expand" for e in self.events)
 
     @property
     def healthy(self) -> bool:
@@ -142,7 +154,12 @@ def _event(raw: dict[str, Any], where: str) -> FaultEvent:
         raise ScenarioError(
             f"{where}.action: unknown action {action!r} (one of {', '.join(_KEYS)})"
         )
-    allowed = _KEYS[action] | {"action", "node"} | ({"at_s"} if action in TIMED else set())
+    allowed = (
+        _KEYS[action]
+        | {"action"}
+        | (set() if action in NODELESS else {"node"})
+        | ({"at_s"} if action in TIMED else set())
+    )
     unknown = sorted(set(raw) - allowed)
     if unknown:
         extra = " (start options apply from the start: no at_s)" if unknown[0] == "at_s" else ""
@@ -150,6 +167,8 @@ def _event(raw: dict[str, Any], where: str) -> FaultEvent:
             f"{where}: key {unknown[0]!r} does not apply to action {action!r}{extra} "
             f"(allowed: {', '.join(sorted(allowed))})"
         )
+    if action in NODELESS:
+        raw = {**raw, "node": 0}  # the cluster grows: no node of the layout is touched
     if "node" not in raw:
         raise ScenarioError(f"{where}: missing key 'node' (an index, or \"random\")")
     node = raw["node"]
@@ -172,6 +191,10 @@ def _event(raw: dict[str, Any], where: str) -> FaultEvent:
     if action == "slow" and kw["delay_ms"] <= 0:
         raise ScenarioError(f"{where}.delay_ms: a slow node needs delay_ms > 0")
     kw["mode"] = _choice(raw, "mode", CORRUPT_MODES, where, "random")
+    kw["add"] = _typed(raw, "add", int, where, 2)
+    if kw["add"] < 1:
+        raise ScenarioError(f"{where}.add: must be at least 1, got {kw['add']}")
+    kw["ramp_s"] = _number(raw, "ramp_s", where, 6.0, minimum=0.0)
     kw["rate"] = _number(raw, "rate", where, 1.0, minimum=0.0)
     if not 0 < kw["rate"] <= 1:
         raise ScenarioError(f"{where}.rate: must be in (0, 1], got {kw['rate']}")

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
 
 import grpc
 import numpy as np
@@ -97,6 +98,7 @@ class RunRecord:
     score: ScoreRecord | None = None
     wall_s: float = 0.0
     last_seen: dict[str, float] = field(default_factory=dict)  # node id -> last use
+    ramp: list[dict[str, Any]] = field(default_factory=list)  # an expansion's Status samples
 
 
 def token_record(event: gw.GenerateEvent, t_s: float, latency_s: float, stream: int) -> TokenRecord:

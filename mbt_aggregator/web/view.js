@@ -85,13 +85,25 @@ function markAllDown() {
   renderNodes();
 }
 
+// The last live expansion, when there was one: its state, beta and drift (or why it stopped).
+function expansionText(e) {
+  if (!e || e.state === "none") return "";
+  let text = ` · expansion v${e.from_version} → v${e.to_version} ${e.state}`;
+  if (["ramping", "complete", "frozen"].includes(e.state)) text += ` β ${e.beta.toFixed(3)}`;
+  if (e.drift_kl !== null) text += ` drift ${e.drift_kl.toFixed(4)}`;
+  if (e.reason) text += ` (${e.reason})`;
+  return text;
+}
+
 function render(data) {
   modelId = data.model.id;
-  const mode = data.policy.match(/mode='(\w+)'/); // FanoutPolicy(mode='all', ...)
+  // The mode in the header, every parameter in its tooltip (an older gateway: the summary).
+  const policy = data.policy;
   $("model").textContent =
-    `model ${data.model.id} v${data.model.version} · policy ${mode ? mode[1] : data.policy} · ` +
+    `model ${data.model.id} v${data.model.version} · policy ${policy.mode || policy.summary} · ` +
     `${data.nodes.length} nodes · ${data.layers.length} layers`;
-  $("model").title = data.policy;
+  $("model").title = `fan-out: ${policy.summary}`;
+  $("model").textContent += expansionText(data.expansion);
   const now = new Set();
   for (const node of data.nodes) {
     now.add(node.node_id);

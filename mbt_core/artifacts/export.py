@@ -4,19 +4,21 @@ Each node downloads and verifies only the files it serves, so every branch gets 
 and its own hash in the manifest. The manifest is written last: a folder with a manifest never
 points at files that are not there yet. Calibrated output-norm bounds
 (:mod:`mbt_core.artifacts.calibration`), when given, go into each branch's manifest entry, so
-they are signed with everything else.
+they are signed with everything else. A checkpoint grown by ``mbt expand`` carries its
+:class:`~mbt_core.artifacts.manifest.Expansion` in ``info["expansion"]`` (JSON), which becomes
+the manifest's ``expansion``; its old branches' files are the base model's, byte for byte.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from safetensors.torch import save as st_save
 from torch import Tensor
 
 from mbt_core.artifacts.layout import (
@@ -27,13 +29,35 @@ from mbt_core.artifacts.layout import (
     branch_file,
     split_state,
 )
-from mbt_core.artifacts.manifest import ArtifactEntry, Manifest, NormBound, write_manifest
+from mbt_core.artifacts.manifest import (
+    MANIFEST_FILE,
+    ArtifactEntry,
+    Expansion,
+    Manifest,
+    NormBound,
+    write_manifest,
+)
 from mbt_core.errors import ArtifactError
 from mbt_core.fileio import atomic_write_bytes
 from mbt_core.model.checkpoint import Checkpoint
+from mbt_core.model.tensorfile import write_tensors
 from mbt_core.model.tokenizer import vocabulary_problem
 
 DEFAULT_MODEL_ID = "mbt-default"
+EXPANSION_INFO = "expansion"  # the checkpoint info key mbt expand writes
+
+
+def expansion_of(checkpoint: Checkpoint) -> Expansion | None:
+    """The expansion a grown checkpoint's info records (None for any other model)."""
+    raw = checkpoint.info.get(EXPANSION_INFO)
+    if raw is None:
+        return None
+    try:
+        expansion = Expansion.from_dict(json.loads(raw))
+        expansion.check_config(checkpoint.model.cfg)
+    except (ValueError, TypeError) as exc:
+        raise ArtifactError(f"checkpoint info {EXPANSION_INFO!r} is invalid: {exc}") from exc
+    return expansion
 
 
 def export_artifacts(
@@ -90,6 +114,7 @@ def export_artifacts(
         expires_at=created + timedelta(days=expires_days),
         config=model.cfg,
         artifacts=tuple(entry for entry, _ in files),
+        expansion=expansion_of(checkpoint),
     )
     for entry, data in files:
         atomic_write_bytes(out / entry.name, data)
@@ -105,7 +130,11 @@ def _serialize(
     layer: int | None,
     branch: int | None,
 ) -> tuple[ArtifactEntry, bytes]:
-    data = st_save(tensors, metadata=metadata)
+    # The standard safetensors writer orders the metadata as a hash map does: randomly, so
+    # two exports of the same branch would differ in bytes and hash. This one is stable.
+    buffer = io.BytesIO()
+    write_tensors(buffer, {k: v.detach().cpu() for k, v in tensors.items()}, metadata)
+    data = buffer.getvalue()
     entry = ArtifactEntry(
         name=name,
         role=role,
@@ -115,3 +144,16 @@ def _serialize(
         sha256=hashlib.sha256(data).hexdigest(),
     )
     return entry, data
+
+
+def publish(release: Path, folder: Path) -> None:
+    """Copy the export ``release`` over the served ``folder``: its files first, its manifest
+    last, so a process that reads the folder meanwhile never finds a manifest whose files are
+    not all there (an old branch file it still lists stays until replaced)."""
+    files = sorted(
+        (p for p in Path(release).rglob("*") if p.is_file()), key=lambda p: p.name == MANIFEST_FILE
+    )
+    for path in files:
+        target = Path(folder) / path.relative_to(release)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, path.read_bytes())

@@ -7,7 +7,8 @@ or key order of the file.
 
 A branch entry may carry a calibrated output-norm bound (``norm_bound``, written by
 ``mbt export``); it is omitted when absent, so manifests signed before it existed keep their
-canonical bytes and signatures.
+canonical bytes and signatures. So is ``expansion`` (:class:`Expansion`), present only when the
+model grew layers by new branches (``mbt expand``) and the gateway should ramp them in.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from mbt_core.errors import ArtifactError
 from mbt_core.fileio import atomic_write_bytes, parse_json, read_capped
@@ -58,6 +62,12 @@ _OPTIONAL_ENTRY_KEYS = frozenset({"norm_bound"})
 
 
 _NORM_KEYS = {"bound", "max", "quantile", "level"}
+
+
+_EXPANSION_KEYS = {"base_branches", "start", "target", "ramp_s"}
+
+
+_OPTIONAL_MANIFEST_KEYS = frozenset({"expansion"})
 
 
 _MANIFEST_KEYS = {
@@ -127,6 +137,92 @@ class NormBound:
 
 
 @dataclass(frozen=True)
+class Expansion:
+    """This model is an older one (``base_branches`` per layer) grown by new branches, and how
+    a serving gateway ramps them in: the injection rate beta goes linearly from ``start`` to
+    ``target`` over ``ramp_s`` seconds once it accepts the expansion.
+
+    Semantics for the gateway. ``alpha_N`` is the base model's weights of a layer, padded with
+    zeros for the new branches, ``alpha_N1`` the expanded model's; the layer fuses with
+    ``w(beta) = (1 - beta) * alpha_N + beta * alpha_N1``: beta = 0 is the base model, beta = 1
+    the expanded checkpoint exactly. The expansion froze the old alpha logits, so ``alpha_N``
+    is the softmax of the first ``base_branches[l]`` logits of the expanded model itself (no
+    base model needed) and ``alpha_N1``'s old part is ``(1 - B) * alpha_N``, B the new
+    branches' mass: at beta the new branches hold ``beta * B`` and the old ones keep their
+    relative weights, scaled by ``1 - beta * B`` (:meth:`weights`). Missing branches drop out
+    of ``w(beta)`` and the rest renormalize, as always. The old branches' artifacts are those
+    of the base model, byte for byte, so nodes keep serving them across the upgrade.
+    """
+
+    base_branches: tuple[int, ...]
+    start: float = 0.0
+    target: float = 1.0
+    ramp_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base_branches, list | tuple) or not all(
+            is_int(k) and k >= 1 for k in self.base_branches
+        ):
+            raise ValueError("expansion base_branches must list integers >= 1, one per layer")
+        object.__setattr__(self, "base_branches", tuple(self.base_branches))
+        for name in ("start", "target", "ramp_s"):
+            value = getattr(self, name)
+            if not (is_number(value) and math.isfinite(value)):
+                raise ValueError(f"expansion {name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not 0.0 <= self.start <= self.target <= 1.0:
+            raise ValueError(
+                f"expansion needs 0 <= start <= target <= 1, got {self.start}, {self.target}"
+            )
+        if self.ramp_s < 0:
+            raise ValueError(f"expansion ramp_s must be >= 0, got {self.ramp_s}")
+
+    def check_config(self, config: ModelConfig) -> None:
+        """Refuse an expansion that does not describe ``config``'s layers growing."""
+        base, now = self.base_branches, config.branches
+        if len(base) != len(now):
+            raise ValueError(f"expansion lists {len(base)} layers, the model has {len(now)}")
+        if any(b > k for b, k in zip(base, now, strict=True)):
+            raise ValueError(f"expansion base_branches {base} exceed the branches {now}")
+        if base == now:
+            raise ValueError("expansion grows no layer: base_branches equal the branches")
+
+    def grown(self, config: ModelConfig) -> list[int]:
+        """The layers that gained branches."""
+        return [li for li, k in enumerate(config.branches) if k > self.base_branches[li]]
+
+    def beta_at(self, elapsed_s: float) -> float:
+        """The injection rate ``elapsed_s`` seconds after the gateway accepted the expansion."""
+        if self.ramp_s == 0 or elapsed_s >= self.ramp_s:
+            return self.target
+        return self.start + (self.target - self.start) * max(0.0, elapsed_s) / self.ramp_s
+
+    def weights(self, layer: int, alpha_logits: Tensor, beta: float) -> Tensor:
+        """``w(beta)`` of ``layer`` from the expanded model's alpha logits (K_N1,) alone."""
+        base = self.base_branches[layer]
+        grown = torch.softmax(alpha_logits.float(), dim=0)
+        old = torch.zeros_like(grown)
+        old[:base] = torch.softmax(alpha_logits[:base].float(), dim=0)
+        return (1.0 - beta) * old + beta * grown
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base_branches": list(self.base_branches),
+            "start": self.start,
+            "target": self.target,
+            "ramp_s": self.ramp_s,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Expansion:
+        """Validate untrusted JSON (its fit to a model is :meth:`check_config`'s)."""
+        if not isinstance(data, dict):
+            raise ValueError("expansion must be an object")
+        check_keys(data, _EXPANSION_KEYS, "expansion")
+        return cls(data["base_branches"], data["start"], data["target"], data["ramp_s"])
+
+
+@dataclass(frozen=True)
 class ArtifactEntry:
     """One exported file: the trunk (no layer or branch) or one branch of one layer."""
 
@@ -190,6 +286,7 @@ class Manifest:
     expires_at: datetime
     config: ModelConfig
     artifacts: tuple[ArtifactEntry, ...]
+    expansion: Expansion | None = None  # absent unless layers grew (mbt expand)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id.strip():
@@ -217,6 +314,10 @@ class Manifest:
             raise ValueError(
                 f"branch artifacts do not match the config's branches {self.config.branches}"
             )
+        if self.expansion is not None:
+            if not isinstance(self.expansion, Expansion):
+                raise ValueError("expansion must be an Expansion")
+            self.expansion.check_config(self.config)
 
     def trunk(self) -> ArtifactEntry:
         return next(a for a in self.artifacts if a.role == "trunk")
@@ -239,7 +340,7 @@ class Manifest:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "model_id": self.model_id,
@@ -249,13 +350,16 @@ class Manifest:
             "config": self.config.to_dict(),
             "artifacts": [a.to_dict() for a in self.artifacts],
         }
+        if self.expansion is not None:
+            data["expansion"] = self.expansion.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> Manifest:
         """Validate untrusted JSON; every failure is a ``ValueError`` saying which field."""
         if not isinstance(data, dict):
             raise ValueError("manifest must be a JSON object")
-        check_keys(data, _MANIFEST_KEYS, "manifest")
+        check_keys(data, _MANIFEST_KEYS, "manifest", optional=_OPTIONAL_MANIFEST_KEYS)
         if data["format"] != FORMAT:
             raise ValueError(f"not an MBT manifest (format {data['format']!r})")
         if data["format_version"] != FORMAT_VERSION:
@@ -276,6 +380,7 @@ class Manifest:
             expires_at=parse_time(data["expires_at"], "expires_at"),
             config=ModelConfig.from_dict(data["config"]),
             artifacts=tuple(entries),
+            expansion=Expansion.from_dict(data["expansion"]) if "expansion" in data else None,
         )
 
 

@@ -1,7 +1,7 @@
 """The flags that node, gateway and gateway clients share, defined once.
 
 The signed model and who may sign it (PEM keys or a trust root), the cluster TLS files,
-per-client RPC limits, and the ``--gateway`` client flags with their bearer token.
+per-client RPC limits, logging, and the ``--gateway`` client flags with their bearer token.
 """
 
 from __future__ import annotations
@@ -17,6 +17,26 @@ if TYPE_CHECKING:
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def add_log_arguments(p: argparse.ArgumentParser) -> None:
+    """``--log-level`` and ``--log-format`` of a long-running process."""
+    from mbt_core.cli.logs import LOG_FORMATS
+
+    p.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=LOG_LEVELS,
+        help="INFO adds routine events (admissions, departures, draining); WARNING and above "
+        "want someone to look (default %(default)s)",
+    )
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text lines, or json: one JSON object a line (time, level, logger, message) for "
+        "log shippers (default %(default)s)",
+    )
 
 
 def add_artifact_arguments(p: argparse.ArgumentParser) -> None:

@@ -16,15 +16,21 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
+from mbt_core.cli.logs import configure_logging, json_logging
 from mbt_core.errors import MbtError
 
 if TYPE_CHECKING:
     pass
 
 
-def run_service(prog: str, log_level: str, main: Callable[[], Coroutine[Any, Any, None]]) -> int:
+def run_service(
+    prog: str,
+    log_level: str,
+    main: Callable[[], Coroutine[Any, Any, None]],
+    log_format: str = "text",
+) -> int:
     """Run ``main()`` on uvloop; ``main`` is a factory so that building it may fail cleanly."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(log_level, log_format)
     try:
         uvloop.run(main())
     except (MbtError, ValueError, OSError) as exc:
@@ -52,12 +58,21 @@ def stop_on_signals(stop: asyncio.Event) -> None:
 
 def warn_plaintext(prog: str) -> None:
     """The one warning line a service prints when it starts with ``--insecure``: what it
-    gives up."""
-    print(
-        f"{prog}: warning: --insecure: plaintext gRPC. Callers are not authenticated (any host "
-        "that reaches the port may call it), node ids are claims, sessions are bound only by "
-        "secrets sent in clear, and traffic can be read and changed on the way: use it only on "
-        "a network you trust",
-        file=sys.stderr,
-        flush=True,
+    gives up (a log record when the process logs JSON)."""
+    text = (
+        "--insecure: plaintext gRPC. Callers are not authenticated (any host that reaches the "
+        "port may call it), node ids are claims, sessions are bound only by secrets sent in "
+        "clear, and traffic can be read and changed on the way: use it only on a network you "
+        "trust"
     )
+    say(prog, text, logging.WARNING)
+
+
+def say(prog: str, message: str, level: int = logging.INFO) -> None:
+    """One line for the operator on stderr, ``PROG: message`` (``PROG: warning: message`` at
+    WARNING), or a record of logger ``prog`` when the process logs JSON: every line parses."""
+    if json_logging():
+        logging.getLogger(prog).log(level, "%s", message)
+    else:
+        kind = "warning: " if level == logging.WARNING else ""
+        print(f"{prog}: {kind}{message}", file=sys.stderr, flush=True)

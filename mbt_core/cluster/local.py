@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import shutil
 import signal
 import tempfile
 import time
@@ -27,11 +28,11 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from mbt_core.artifacts.calibration import calibrated_bounds
-from mbt_core.artifacts.export import export_artifacts
+from mbt_core.artifacts.export import export_artifacts, publish
 from mbt_core.artifacts.manifest import read_manifest
 from mbt_core.artifacts.signatures import sign_manifest
 from mbt_core.cluster.process import ManagedProcess, start_process
-from mbt_core.model.checkpoint import load_checkpoint
+from mbt_core.model.checkpoint import Checkpoint, load_checkpoint
 from mbt_core.trust.certs import init_ca, issue_cert
 from mbt_core.trust.config import TlsConfig
 from mbt_core.trust.keys import generate_key, load_private_key
@@ -112,6 +113,8 @@ class LocalCluster:
     _common: list[str] = field(default_factory=list)
     _env: dict[str, str] = field(default_factory=dict)
     _ports: list[int] = field(default_factory=list)
+    _key: Path | None = None  # the throw-away signing key, when the cluster exported itself
+    _base_nodes: int = 0  # nodes before an expansion added some
 
     def __enter__(self) -> LocalCluster:
         try:
@@ -144,6 +147,7 @@ class LocalCluster:
             manifest = export_artifacts(ckpt, artifacts, norm_bounds=bounds)
             sign_manifest(artifacts, manifest, load_private_key(key.private_path))
             branches, keys = ckpt.model.cfg.branches, [key.public_path]
+            self._key = key.private_path
         self._common = ["--artifacts", str(artifacts)]
         for key_path in keys:
             self._common += ["--trusted-key", str(key_path)]
@@ -364,6 +368,62 @@ class LocalCluster:
         self.node_ids[i] = _node_id(node)
         self._ports[i] = int(node.address.rsplit(":", 1)[1])
         return node
+
+    def expand(self, grown: Checkpoint) -> list[int]:
+        """A live expansion: ``grown`` (:func:`mbt_core.model.expand.expand_model`, with its
+        schedule in ``info["expansion"]``) is exported as the next version, signed, published
+        over the served folder, the gateway is told (SIGHUP), and one node per replica starts
+        serving the new branches (found over mDNS). The running nodes keep their version.
+        Returns the new nodes' indices."""
+        if self._key is None or self._tmp is None or self.gateway is None:
+            raise RuntimeError("only a running cluster that exported its model can expand")
+        folder = self.served_artifacts
+        current = read_manifest(folder)
+        root = Path(self._tmp.name)
+        if not self._base_nodes:  # the first expansion: keep what to go back to
+            self._base_nodes = len(self.nodes)
+            shutil.copytree(folder, root / "base-artifacts")
+        release = root / f"v{current.model_version + 1}"
+        bounds = calibrated_bounds(grown)[0] if self.calibrate else None
+        manifest = export_artifacts(
+            grown, release, model_version=current.model_version + 1, norm_bounds=bounds
+        )
+        sign_manifest(release, manifest, load_private_key(self._key))
+        publish(release, folder)
+        self.gateway.signal(signal.SIGHUP)
+        old, new = current.config.branches, manifest.config.branches
+        added = [(lay, b) for lay, k in enumerate(old) for b in range(k, new[lay])]
+        start = len(self.nodes)
+        for _ in range(self.layout.replicas):
+            self.served.append(added)
+            self.placements = (*self.placements, Placement())
+            self._ports.append(0)
+            self.node_extra.append(())
+            self.node_env.append({})
+            node = self._spawn(len(self.nodes), (), {})
+            self.nodes.append(node)
+            self.node_ids.append(_node_id(node))
+        return list(range(start, len(self.nodes)))
+
+    def revert_expansion(self) -> None:
+        """Back to the model before :meth:`expand`: its nodes stopped, the served folder
+        restored, a fresh gateway (the nodes that were there all along keep running)."""
+        if not self._base_nodes or self._tmp is None:
+            return
+        for node in self.nodes[self._base_nodes :]:
+            node.kill()
+        n = self._base_nodes
+        del self.nodes[n:], self.served[n:], self._ports[n:], self.node_ids[n:]
+        del self.node_extra[n:], self.node_env[n:]
+        self.placements = self.placements[:n]
+        folder = self.served_artifacts
+        shutil.rmtree(folder)
+        shutil.copytree(Path(self._tmp.name) / "base-artifacts", folder)
+        # The gateway recorded the later version as accepted (no rollback below it): this
+        # throw-away cluster forgets it, as it goes back to the old release on purpose.
+        shutil.rmtree(self._env["MBT_STATE_DIR"], ignore_errors=True)
+        self._base_nodes = 0
+        self.restart_gateway()
 
     def restart_gateway(self, gateway_args: Sequence[str] | None = None) -> None:
         """A fresh gateway (new registry, new port), optionally with other flags."""

@@ -25,6 +25,13 @@ class ModelConfig:
     imported decoder, described by ``decoder``: per layer an attention slice, an MLP slice, or
     both side by side for parallel-residual models (see :meth:`layer_kind`). ``dtype`` is what
     the weights are stored and computed in.
+
+    ``split`` says into how many equal width slices each layer's decoder width was cut (None:
+    ``branches``). A sliced branch takes its heads, neurons and scale ``z = x + S * u(x)`` from
+    ``S = split[l]``, so a layer may hold more branches than slices (``branches[l] >=
+    split[l]``, every branch of one shape): what :func:`mbt_core.model.expand.expand_model`
+    makes when it grows a layer by new branches. A block branch is a whole block whatever K
+    is, so for ``"block"`` models split is validated but changes nothing.
     """
 
     vocab_size: int = 2048  # small BPE vocabulary: the embedding stays cheap on a CPU
@@ -41,10 +48,15 @@ class ModelConfig:
     kind: str = "block"
     dtype: str = "float32"
     decoder: DecoderSpec | None = None
+    split: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         # JSON gives lists and objects; keep the dataclass hashable and comparable.
         object.__setattr__(self, "branches", tuple(int(k) for k in self.branches))
+        if self.split is not None:
+            if not isinstance(self.split, list | tuple):
+                raise ValueError(f"split must list one slice count per layer, got {self.split!r}")
+            object.__setattr__(self, "split", tuple(self.split))
         if isinstance(self.decoder, dict):
             object.__setattr__(self, "decoder", DecoderSpec.from_dict(self.decoder))
         if self.kind not in KINDS:
@@ -65,6 +77,13 @@ class ModelConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if len(self.branches) != self.n_layers:
+            raise ValueError(
+                f"branches lists {len(self.branches)} layers but n_layers is {self.n_layers}"
+            )
+        if any(k <= 0 for k in self.branches):
+            raise ValueError(f"every layer needs at least one branch, got {self.branches}")
+        self._check_split_field()
         if self.kind == "sliced":
             self._check_decoder()
         elif self.decoder is not None:
@@ -73,12 +92,6 @@ class ModelConfig:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
-        if len(self.branches) != self.n_layers:
-            raise ValueError(
-                f"branches lists {len(self.branches)} layers but n_layers is {self.n_layers}"
-            )
-        if any(k <= 0 for k in self.branches):
-            raise ValueError(f"every layer needs at least one branch, got {self.branches}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.eos_token_id < self.vocab_size:
@@ -105,8 +118,21 @@ class ModelConfig:
                 f"context_length {self.context_length} exceeds the decoder's "
                 f"{spec.context_length} positions"
             )
-        for k in set(self.branches):
+        for k in set(self.split or self.branches):
             spec.check_split(k)
+
+    def _check_split_field(self) -> None:
+        if self.split is None:
+            return
+        if len(self.split) != self.n_layers:
+            raise ValueError(
+                f"split lists {len(self.split)} layers but n_layers is {self.n_layers}"
+            )
+        for li, (s, k) in enumerate(zip(self.split, self.branches, strict=True)):
+            if not isinstance(s, int) or isinstance(s, bool) or s <= 0:
+                raise ValueError(f"split of layer {li} must be a positive integer, got {s!r}")
+            if s > k:
+                raise ValueError(f"layer {li} is split into {s} slices but holds {k} branches")
 
     @classmethod
     def sliced(
@@ -145,7 +171,7 @@ class ModelConfig:
         head_dim = d_model // self.n_heads
         rope = None if spec.rope is None else replace(spec.rope, rotary_dim=head_dim)
         neurons = spec.intermediate_size * d_model // spec.d_model
-        neurons -= neurons % max(self.branches)  # every branch keeps an equal share
+        neurons -= neurons % max(self.split or self.branches)  # every slice an equal share
         decoder = replace(
             spec, d_model=d_model, head_dim=head_dim, intermediate_size=neurons, rope=rope
         )
@@ -176,12 +202,16 @@ class ModelConfig:
             return "parallel"
         return "attention" if layer % 2 == 0 else "mlp"
 
+    def slices(self, layer: int) -> int:
+        """How many equal width slices ``layer``'s decoder width is cut into (``split``)."""
+        return self.branches[layer] if self.split is None else self.split[layer]
+
     @property
     def total_branches(self) -> int:
         return sum(self.branches)
 
     def to_dict(self) -> dict[str, Any]:
-        """Settings left at their defaults are omitted (kind, dtype, decoder) so that the
+        """Settings left at their defaults are omitted (kind, dtype, decoder, split) so that the
         configs of trained float32 models, and the manifests signed over them before those
         settings existed, keep their bytes."""
         data = asdict(self)
@@ -191,6 +221,8 @@ class ModelConfig:
                 del data[name]
         if self.decoder is not None:
             data["decoder"] = self.decoder.to_dict()
+        if self.split is not None:
+            data["split"] = list(self.split)
         return data
 
     @classmethod
@@ -202,7 +234,7 @@ class ModelConfig:
         return cls(**data)
 
 
-_OMITTED_AT_DEFAULT = ("kind", "dtype", "decoder")
+_OMITTED_AT_DEFAULT = ("kind", "dtype", "decoder", "split")
 
 
 @dataclass(frozen=True)

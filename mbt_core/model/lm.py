@@ -94,6 +94,24 @@ class MBTLayer(nn.Module):
         return replace(fused, output=fused.output.to(h.dtype))
 
 
+def init_weights(module: nn.Module, cfg: ModelConfig, gen: torch.Generator | None = None) -> None:
+    """GPT-2 style: N(0, 0.02), residual projections scaled down by the residual depth; norms
+    keep their ones. Works on a whole model or one branch (``mbt expand --init fresh``)."""
+    depth = cfg.n_layers * cfg.blocks_per_branch
+    for name, p in module.named_parameters():
+        if name.endswith("alpha_logits"):
+            continue
+        if p.dim() >= 2:
+            std = (
+                0.02 / math.sqrt(2 * depth)
+                if name.endswith(("proj.weight", "2.weight", ".o.weight", ".down.weight"))
+                else 0.02
+            )
+            nn.init.normal_(p, mean=0.0, std=std, generator=gen)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+
+
 class MBTLanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -119,20 +137,7 @@ class MBTLanguageModel(nn.Module):
             self.to(cfg.torch_dtype)
 
     def _init_weights(self) -> None:
-        # GPT-2 style: N(0, 0.02), residual projections scaled down by the residual depth.
-        depth = self.cfg.n_layers * self.cfg.blocks_per_branch
-        for name, p in self.named_parameters():
-            if name.endswith("alpha_logits"):
-                continue
-            if p.dim() >= 2:
-                std = (
-                    0.02 / math.sqrt(2 * depth)
-                    if name.endswith(("proj.weight", "2.weight", ".o.weight", ".down.weight"))
-                    else 0.02
-                )
-                nn.init.normal_(p, mean=0.0, std=std)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
+        init_weights(self, self.cfg)
 
     def new_cache(self) -> ModelCache:
         return ModelCache(layers=[[b.new_cache() for b in layer.branches] for layer in self.layers])

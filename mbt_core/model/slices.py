@@ -156,11 +156,12 @@ def dense_shapes(spec: DecoderSpec, k: int = 1) -> tuple[AttentionShape, MLPShap
 
 
 def layer_shapes(cfg: ModelConfig, layer: int) -> tuple[AttentionShape | None, MLPShape | None]:
-    """The slice shapes one branch of ``layer`` holds (None where its kind has no such part)."""
+    """The slice shapes one branch of ``layer`` holds (None where its kind has no such part):
+    one of ``cfg.slices(layer)`` slices, which a grown layer has fewer of than branches."""
     kind = cfg.layer_kind(layer)
     if cfg.decoder is None:
         raise ValueError(f"layer {layer} of a {cfg.kind!r} model has no width slices")
-    attention, mlp = dense_shapes(cfg.decoder, cfg.branches[layer])
+    attention, mlp = dense_shapes(cfg.decoder, cfg.slices(layer))
     return (
         attention if kind in ("attention", "parallel") else None,
         mlp if kind in ("mlp", "parallel") else None,
@@ -168,7 +169,9 @@ def layer_shapes(cfg: ModelConfig, layer: int) -> tuple[AttentionShape | None, M
 
 
 class SliceBlock(nn.Module):
-    """One branch of an imported layer: ``z = x + K * u(x)``.
+    """One branch of an imported layer: ``z = x + S * u(x)``, S the layer's slice count
+    (``cfg.slices``: K unless the layer was grown by new branches, which keeps S so that the
+    old branches compute exactly what they did).
 
     ``u`` is this branch's attention slice update, MLP slice update, or (parallel residual)
     both read from the same ``x``, each behind its own norm, as the dense block computes them.
@@ -179,7 +182,7 @@ class SliceBlock(nn.Module):
         spec = cfg.decoder
         assert spec is not None  # layer_shapes refuses block models first
         attention, mlp = layer_shapes(cfg, layer)
-        self.scale = float(cfg.branches[layer])
+        self.scale = float(cfg.slices(layer))
 
         def norm() -> Norm:
             return Norm(spec.d_model, spec.norm, spec.norm_eps, spec.norm_bias)

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from mbt_core.model.checkpoint import load_checkpoint, save_checkpoint
+from mbt_core.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from mbt_core.model.config import ModelConfig
+from mbt_core.model.expand import freeze_for_growth
 from mbt_core.model.lm import MBTLanguageModel
 from mbt_core.model.masks import outage_masks, training_masks
 from mbt_core.model.tokenizer import Tokenizer
@@ -71,6 +72,10 @@ class TrainConfig:
     init: Path | None = None
     freeze: tuple[str, ...] = ()
     block_size: int | None = None
+    # Growing (mbt expand): train only the branches beyond these per-layer counts and their
+    # alpha logits, everything else bit for bit fixed; ``info`` adds to the checkpoint's info.
+    grow_from: tuple[int, ...] | None = None
+    info: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0:
@@ -121,13 +126,19 @@ def entropy_penalty(model: MBTLanguageModel, floor: float) -> Tensor:
 def trainable(model: MBTLanguageModel) -> MBTLanguageModel:
     """The model in float32: half-precision weights (an imported bfloat16 model) would lose
     most small updates to rounding. Its checkpoints are then float32 too."""
-    if model.cfg.dtype == "float32":
+    return in_dtype(model, "float32")
+
+
+def in_dtype(model: MBTLanguageModel, dtype: str) -> MBTLanguageModel:
+    """``model`` stored in ``dtype`` (itself if it already is)."""
+    if model.cfg.dtype == dtype:
         return model
-    cfg = replace(model.cfg, dtype="float32")
+    cfg = replace(model.cfg, dtype=dtype)
     with torch.device("meta"):
-        wide = MBTLanguageModel(cfg)
-    wide.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, assign=True)
-    return wide
+        out = MBTLanguageModel(cfg)
+    state = {k: v.to(cfg.torch_dtype) for k, v in model.state_dict().items()}
+    out.load_state_dict(state, assign=True)
+    return out
 
 
 def freeze(model: MBTLanguageModel, parts: tuple[str, ...]) -> int:
@@ -153,11 +164,17 @@ def _part_of(name: str) -> str:
     return "attention" if leaf.startswith("attn") else "mlp"
 
 
-def train(cfg: TrainConfig, progress: bool = True, until: int | None = None) -> Path:
+def train(
+    cfg: TrainConfig,
+    progress: bool = True,
+    until: int | None = None,
+    start: Checkpoint | None = None,
+) -> Path:
     """Train (or resume) and return the path of the checkpoint written last.
 
     ``until`` stops this run early at that step (the schedule still spans ``cfg.steps``), as an
-    interruption would; a later call resumes from there.
+    interruption would; a later call resumes from there. ``start`` is the model to begin from
+    when not resuming, already in memory (``mbt expand``'s grown one), instead of ``cfg.init``.
     """
     last = cfg.steps if until is None else min(until, cfg.steps)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -166,9 +183,10 @@ def train(cfg: TrainConfig, progress: bool = True, until: int | None = None) -> 
 
     torch.manual_seed(cfg.seed)  # before the model is built: its initialization draws from it
     resume = ckpt_path.exists() and state_path.exists()
-    if resume or cfg.init is not None:
-        ckpt = load_checkpoint(ckpt_path if resume else cfg.init)
-        model, tokenizer = trainable(ckpt.model), ckpt.tokenizer
+    if resume or start is not None or cfg.init is not None:
+        if resume or start is None:
+            start = load_checkpoint(ckpt_path if resume else cfg.init)
+        model, tokenizer = trainable(start.model), start.tokenizer
         model.train()
     else:
         tokenizer = Tokenizer.train(train_texts, cfg.model.vocab_size)
@@ -176,6 +194,8 @@ def train(cfg: TrainConfig, progress: bool = True, until: int | None = None) -> 
     train_stream = token_stream(tokenizer, train_texts)
     val_stream = token_stream(tokenizer, val_texts)
 
+    if cfg.grow_from is not None:
+        freeze_for_growth(model, cfg.grow_from)
     if freeze(model, cfg.freeze) == 0:
         raise ValueError(f"--freeze {','.join(cfg.freeze)} leaves nothing to train")
     training = [p for p in model.parameters() if p.requires_grad]
@@ -213,6 +233,7 @@ def train(cfg: TrainConfig, progress: bool = True, until: int | None = None) -> 
             info["finetuned_from"] = cfg.init.name
         if val_ppl is not None:
             info["val_ppl"] = f"{val_ppl:.3f}"
+        info.update(cfg.info)
         save_checkpoint(ckpt_path, model, tokenizer, info)
         state = {
             "optimizer": opt.state_dict(),

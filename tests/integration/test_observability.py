@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import socket
 import subprocess
 import threading
@@ -33,10 +32,10 @@ from mbt_core.model.lm import MBTLanguageModel
 from mbt_core.model.sampling import SamplingConfig
 from mbt_core.model.tokenizer import Tokenizer
 from mbt_core.wire.gateway_client import GatewayClient
+from tests.tools import external_tool
 from tests.unit.test_deploy import ALERTS, alert_rules, dashboard_exprs
 
 pytestmark = [pytest.mark.integration]
-PROMETHEUS = shutil.which("prometheus")
 # A comparison with a number at the end of an alert's expression: what makes it a condition.
 CONDITION = re.compile(r"^(?P<inner>.*?)\s*(==|!=|>=|<=|>|<)\s*[0-9.]+\s*$", re.DOTALL)
 
@@ -89,8 +88,7 @@ class Prometheus:
 def prometheus(
     cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Prometheus]:
-    if PROMETHEUS is None:
-        pytest.skip("needs prometheus (Debian's prometheus package; .ci/run installs it)")
+    prometheus_bin = external_tool("prometheus", "Debian's prometheus package; .ci/run installs it")
     root = tmp_path_factory.mktemp("prometheus")
     nodes = cluster.node_metrics_urls
     assert len(nodes) == len(cluster.nodes)
@@ -110,7 +108,7 @@ def prometheus(
     log = (root / "prometheus.log").open("w")
     proc = subprocess.Popen(
         [
-            PROMETHEUS,
+            prometheus_bin,
             f"--config.file={root / 'prometheus.yml'}",
             f"--storage.tsdb.path={root / 'tsdb'}",
             f"--web.listen-address={address}",

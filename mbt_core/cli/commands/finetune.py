@@ -27,6 +27,16 @@ def _parts(text: str) -> tuple[str, ...]:
     return parts
 
 
+def add_block_size_argument(p: argparse.ArgumentParser) -> None:
+    """``--block-size``: short training sequences for a long-context (imported) model."""
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=256,
+        help="positions per training sequence and validation window (at most the context)",
+    )
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="the model to continue from")
     add_training_arguments(p)
@@ -37,12 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PART[,PART...]",
         help=f"keep these fixed: {', '.join(FREEZABLE)} (e.g. trunk)",
     )
-    p.add_argument(
-        "--block-size",
-        type=int,
-        default=256,
-        help="positions per training sequence and validation window (at most the context)",
-    )
+    add_block_size_argument(p)
     # A fine-tune starts from trained weights: shorter, gentler, distilling.
     p.set_defaults(
         steps=300, lr=3e-4, min_lr=3e-5, warmup_steps=20, robust_mode="distill", batch_size=8

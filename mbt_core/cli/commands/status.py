@@ -5,7 +5,7 @@ tables: the nodes (id, address, health, latency of recent calls, branches served
 layer every branch with its weight, live replicas, the nodes serving it and its recent
 outcomes: the session steps of the gateway's recent window in which it was used, masked or
 rejected, and the outcome of the last one ("-" before the layer's first step). --json prints
-the same as one JSON object.
+the same as one JSON object, the fan-out policy with each of its parameters.
 """
 
 from __future__ import annotations
@@ -38,7 +38,18 @@ def table(rows: list[list[str]]) -> str:
 def render(data: dict[str, Any]) -> str:
     model = data["model"]
     digest = model["manifest_sha256"][:16]
-    head = f"model {model['id']} v{model['version']} ({digest}), policy {data['policy']}"
+    policy = data["policy"]["summary"]
+    head = f"model {model['id']} v{model['version']} ({digest}), policy {policy}"
+    grown = data.get("expansion") or {"state": "none"}
+    if grown["state"] != "none":
+        head += (
+            f"\nexpansion v{grown['from_version']} -> v{grown['to_version']}: {grown['state']}, "
+            f"beta {grown['beta']:.3f}"
+        )
+        if grown["drift_kl"] is not None:
+            head += f", drift {grown['drift_kl']:.4f} nats/token"
+        if grown["reason"]:
+            head += f" ({grown['reason']})"
     nodes = [["NODE", "ADDRESS", "HEALTH", "LATENCY", "BRANCHES"]]
     for n in data["nodes"]:
         health = "up" if n["healthy"] else "down"

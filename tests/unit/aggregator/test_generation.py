@@ -104,8 +104,9 @@ class _Context:
 def test_the_servicer_tells_each_error_with_its_status_code(
     tiny_model: MBTLanguageModel, tiny_tokenizer: Tokenizer
 ) -> None:
-    gateway, _, clients = _gateway(tiny_model, tiny_tokenizer, FanoutPolicy(min_branches=2))
-    servicer = GatewayServicer(gateway, gateway.engine, None, "")  # type: ignore[arg-type]
+    policy = FanoutPolicy(min_branches=2)
+    gateway, _, clients = _gateway(tiny_model, tiny_tokenizer, policy)
+    servicer = GatewayServicer(gateway, gateway.engine, None, "", policy)  # type: ignore[arg-type]
 
     def score(text: str) -> tuple[grpc.StatusCode, str] | None:
         context = _Context()

@@ -8,6 +8,7 @@ candidate that passes it, since the rules under test come after admission.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from typing import Any
 
@@ -83,10 +84,8 @@ def test_the_admitted_node_answering_stays() -> None:
     registry.add(node)
     asyncio.run(membership._check(node))
     assert registry.get("admitted") is node and not client.closed
-    assert (
-        metrics.registry.get_sample_value("mbt_nodes_discovered_total", {"source": "recheck"})
-        is None
-    )
+    recheck = {"source": "recheck"}  # the series exists from the start: nothing was rechecked
+    assert metrics.registry.get_sample_value("mbt_nodes_discovered_total", recheck) == 0
 
 
 @pytest.mark.parametrize(
@@ -217,3 +216,61 @@ def test_membership_counters_exist_at_zero() -> None:
     _, _, metrics = _membership()
     for event in ("id_conflict", "goodbye_ignored", "displaced", "reinstated"):
         assert _event(metrics, event) == 0
+
+
+def test_a_dead_static_peer_backs_off_and_logs_at_most_once_a_minute(
+    admitting: dict[str, Answering], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real watch loop with every interval scaled by 1/100 (the health beat 1 s -> 10 ms,
+    the retry cap 30 s -> 0.3 s, the repeat of a log line 60 s -> 0.6 s): 3 simulated minutes
+    of a static peer that is down, then its return. It once logged WARNING at every beat."""
+    scale = 0.01
+    admitting["dead:1"] = peer = Answering("n1", up=False)
+    registry, metrics = Registry(), Metrics(CollectorRegistry())
+    membership = Membership(
+        registry,
+        Expectation("m", 1, DIGEST, 8, {}),
+        metrics,
+        ["dead:1"],
+        health_interval_s=1.0 * scale,
+        retry_cap_s=30.0 * scale,
+        repeat_log_s=60.0 * scale,
+    )
+
+    def tries() -> float:
+        value = metrics.registry.get_sample_value(
+            "mbt_nodes_rejected_total", {"reason": "unreachable"}
+        )
+        return value or 0.0
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    async def main() -> tuple[float, float]:
+        await membership.start()
+        await asyncio.sleep(60 * scale)
+        first_minute = tries()
+        assert 1 <= len(warnings()) <= 3, warnings()  # the issue's bound: 3 lines a minute
+        await asyncio.sleep(120 * scale)
+        peer.up = True
+        for _ in range(100):  # back within one retry cap (0.3 s)
+            await asyncio.sleep(10 * scale)
+            if registry.get("n1") is not None:
+                break
+        await membership.stop()
+        return first_minute, tries()
+
+    with caplog.at_level(logging.INFO, logger="mbt_aggregator"):
+        first_minute, total = asyncio.run(main())
+    down = warnings()
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    # Down: one line at once, then at most one a minute, each with the count in between.
+    assert 2 <= len(down) <= 4, down  # still down after 3 minutes: said again, with the count
+    assert all("dead:1 rejected (unreachable)" in w for w in down)
+    assert all("more tries failed alike" in w for w in down[1:]), down
+    # Exponential back-off up to the cap: 0, 1, 3, 7, 15, 31 s... (not 60 tries a minute).
+    assert 4 <= first_minute <= 8, first_minute
+    assert total <= first_minute + 120 / 30 + 2, total
+    # Back: once, at INFO.
+    assert registry.get("n1") is not None
+    assert [i for i in infos if "answers again" in i] == [infos[-2]] and "admitted" in infos[-1]

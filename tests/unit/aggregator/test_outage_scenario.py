@@ -35,7 +35,17 @@ def test_shipped_scenarios_all_parse_and_cover_every_fault_kind() -> None:
         scenario = load_scenario(name)
         assert scenario.name == name and scenario.description
         actions |= {e.action for e in scenario.events}
-    assert actions == {"kill", "pause", "slow", "flap", "corrupt", "partition", "slow_link"}
+    assert actions == {
+        "kill",
+        "pause",
+        "slow",
+        "flap",
+        "corrupt",
+        "partition",
+        "slow_link",
+        "expand",
+    }
+    assert load_scenario("expand").expands and not load_scenario("crash").expands
     assert load_scenario("healthy").healthy
     assert load_scenario("partition").needs_netns and not load_scenario("crash").needs_netns
 
@@ -128,3 +138,13 @@ def test_start_options_become_node_arguments_the_node_accepts() -> None:
     assert str(parse_fault(spec)) == "corrupt=flip,rate=0.5,seed=4"
     assert dict(setups[1].env) == {TEST_FAULTS_ENV: "1"}
     assert TEST_FAULTS_ENV == ENABLE_ENV
+
+
+def test_an_expansion_names_no_node_and_checks_its_keys() -> None:
+    text = "description = 'grow'\n[[events]]\naction = 'expand'\nat_s = 2\nadd = 3\nramp_s = 4\n"
+    (event,) = parse_scenario(text, "grow").events
+    assert (event.action, event.add, event.ramp_s, event.at_s) == ("expand", 3, 4.0, 2.0)
+    with pytest.raises(ScenarioError, match="key 'node' does not apply"):
+        parse_scenario(text + "node = 1\n", "grow")
+    with pytest.raises(ScenarioError, match="add: must be at least 1"):
+        parse_scenario(text.replace("add = 3", "add = 0"), "grow")

@@ -51,7 +51,7 @@ def _run(
     }
     got = _collected(results, hedged={1})
     fused = aggregate(outputs, torch.tensor(WEIGHTS), present, norm_factor=None)
-    out = reports.results(0, got, fused, None, rows, 0.5)
+    out = reports.results(0, got, fused, None, rows, 0.5, dict(enumerate(WEIGHTS)))
     return [r if isinstance(r, BaseException) else r[1] for r in out], got
 
 

@@ -135,18 +135,66 @@ class BranchStatus(_message.Message):
     recent_rejected: int
     def __init__(self, layer: _Optional[int] = ..., branch: _Optional[int] = ..., live_replicas: _Optional[int] = ..., weight: _Optional[float] = ..., last_outcome: _Optional[_Union[Outcome, str]] = ..., recent_ok: _Optional[int] = ..., recent_masked: _Optional[int] = ..., recent_rejected: _Optional[int] = ...) -> None: ...
 
+class ExpansionStatus(_message.Message):
+    __slots__ = ("state", "from_version", "to_version", "beta", "target", "drift_kl", "probe_perplexity", "base_perplexity", "reason", "new_branches")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_KL_FIELD_NUMBER: _ClassVar[int]
+    PROBE_PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    BASE_PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    NEW_BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    from_version: int
+    to_version: int
+    beta: float
+    target: float
+    drift_kl: float
+    probe_perplexity: float
+    base_perplexity: float
+    reason: str
+    new_branches: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, state: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., beta: _Optional[float] = ..., target: _Optional[float] = ..., drift_kl: _Optional[float] = ..., probe_perplexity: _Optional[float] = ..., base_perplexity: _Optional[float] = ..., reason: _Optional[str] = ..., new_branches: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FanoutPolicy(_message.Message):
+    __slots__ = ("mode", "request_timeout_s", "quorum_branches", "quorum_weight", "grace_ms", "deadline_ms", "min_branches", "hedge")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    QUORUM_BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    QUORUM_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GRACE_MS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    MIN_BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    HEDGE_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    request_timeout_s: float
+    quorum_branches: int
+    quorum_weight: float
+    grace_ms: float
+    deadline_ms: float
+    min_branches: int
+    hedge: bool
+    def __init__(self, mode: _Optional[str] = ..., request_timeout_s: _Optional[float] = ..., quorum_branches: _Optional[int] = ..., quorum_weight: _Optional[float] = ..., grace_ms: _Optional[float] = ..., deadline_ms: _Optional[float] = ..., min_branches: _Optional[int] = ..., hedge: _Optional[bool] = ...) -> None: ...
+
 class StatusResponse(_message.Message):
-    __slots__ = ("model_id", "model_version", "manifest_sha256", "policy", "nodes", "branches")
+    __slots__ = ("model_id", "model_version", "manifest_sha256", "policy", "nodes", "branches", "fanout_policy", "expansion")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    FANOUT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    EXPANSION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_version: int
     manifest_sha256: str
     policy: str
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     branches: _containers.RepeatedCompositeFieldContainer[BranchStatus]
-    def __init__(self, model_id: _Optional[str] = ..., model_version: _Optional[int] = ..., manifest_sha256: _Optional[str] = ..., policy: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., branches: _Optional[_Iterable[_Union[BranchStatus, _Mapping]]] = ...) -> None: ...
+    fanout_policy: FanoutPolicy
+    expansion: ExpansionStatus
+    def __init__(self, model_id: _Optional[str] = ..., model_version: _Optional[int] = ..., manifest_sha256: _Optional[str] = ..., policy: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., branches: _Optional[_Iterable[_Union[BranchStatus, _Mapping]]] = ..., fanout_policy: _Optional[_Union[FanoutPolicy, _Mapping]] = ..., expansion: _Optional[_Union[ExpansionStatus, _Mapping]] = ...) -> None: ...
