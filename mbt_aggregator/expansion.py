@@ -405,10 +405,9 @@ class Expander:
         next_probe = began
         while True:
             elapsed = loop.time() - began
-            share = 1.0 if schedule.ramp_s == 0 else min(1.0, elapsed / schedule.ramp_s)
-            beta = schedule.start + (schedule.target - schedule.start) * share
+            beta = schedule.beta_at(elapsed)
             self._set_beta(beta)
-            done = share >= 1.0
+            done = elapsed >= schedule.ramp_s
             if done or loop.time() >= next_probe:
                 next_probe = loop.time() + cfg.probe_interval_s
                 broken = await self._judge(reference, beta)

@@ -127,3 +127,20 @@ def save_hf(family: str, folder: Path, tokenizer: Tokenizer, seed: int = 0) -> P
     model.save_pretrained(folder, safe_serialization=True)
     (folder / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
     return model
+
+
+def imported_llama(tmp_path: Path, tokenizer: Tokenizer) -> Path:
+    """A tiny Llama imported as 2 bfloat16 branches per layer, saved as a checkpoint, with
+    a training text ``text.txt`` beside it: what mbt finetune and mbt expand start from."""
+    from mbt_core.model.checkpoint import save_checkpoint
+    from mbt_core.model.hf_import import ImportOptions, import_decoder
+    from tests.conftest import SAMPLE_TEXT
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_hf("llama", folder, tokenizer)
+    ckpt = import_decoder(folder, ImportOptions(branches=2, dtype="bfloat16"))
+    path = tmp_path / "llama-k2.safetensors"
+    save_checkpoint(path, ckpt.model, ckpt.tokenizer, ckpt.info)
+    (tmp_path / "text.txt").write_text(SAMPLE_TEXT * 3)
+    return path

@@ -22,9 +22,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from mbt_core.errors import ArtifactError
 from mbt_core.fileio import atomic_write_bytes, parse_json, read_capped
 from mbt_core.jsonfields import (
@@ -149,9 +146,10 @@ class Expansion:
     is the softmax of the first ``base_branches[l]`` logits of the expanded model itself (no
     base model needed) and ``alpha_N1``'s old part is ``(1 - B) * alpha_N``, B the new
     branches' mass: at beta the new branches hold ``beta * B`` and the old ones keep their
-    relative weights, scaled by ``1 - beta * B`` (:meth:`weights`). Missing branches drop out
-    of ``w(beta)`` and the rest renormalize, as always. The old branches' artifacts are those
-    of the base model, byte for byte, so nodes keep serving them across the upgrade.
+    relative weights, scaled by ``1 - beta * B`` (``mbt_aggregator.mix.blend``). Missing
+    branches drop out of ``w(beta)`` and the rest renormalize, as always. The old branches'
+    artifacts are those of the base model, byte for byte, so nodes keep serving them across
+    the upgrade.
     """
 
     base_branches: tuple[int, ...]
@@ -196,14 +194,6 @@ class Expansion:
         if self.ramp_s == 0 or elapsed_s >= self.ramp_s:
             return self.target
         return self.start + (self.target - self.start) * max(0.0, elapsed_s) / self.ramp_s
-
-    def weights(self, layer: int, alpha_logits: Tensor, beta: float) -> Tensor:
-        """``w(beta)`` of ``layer`` from the expanded model's alpha logits (K_N1,) alone."""
-        base = self.base_branches[layer]
-        grown = torch.softmax(alpha_logits.float(), dim=0)
-        old = torch.zeros_like(grown)
-        old[:base] = torch.softmax(alpha_logits[:base].float(), dim=0)
-        return (1.0 - beta) * old + beta * grown
 
     def to_dict(self) -> dict[str, Any]:
         return {

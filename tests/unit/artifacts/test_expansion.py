@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from mbt_aggregator.mix import blend
 from mbt_core.artifacts.export import EXPANSION_INFO, export_artifacts
 from mbt_core.artifacts.load import load_model_from_artifacts
 from mbt_core.artifacts.manifest import (
@@ -72,10 +73,10 @@ def test_the_ramp_and_the_weights_it_fuses_with() -> None:
     alpha_n = torch.softmax(logits[:2], 0)
     alpha_n1 = torch.softmax(logits, 0)
     new_mass = float(alpha_n1[2:].sum())
-    assert torch.equal(e.weights(0, logits, 0.0)[:2], alpha_n)  # the base model exactly
-    assert torch.equal(e.weights(0, logits, 0.0)[2:], torch.zeros(2))
-    assert torch.equal(e.weights(0, logits, 1.0), alpha_n1)  # the expanded model exactly
-    w = e.weights(0, logits, 0.25)
+    # The gateway's blend (mbt_aggregator.mix) needs nothing but the expanded model's logits.
+    assert blend(alpha_n, alpha_n1, 0.0) is alpha_n  # the base model exactly
+    assert blend(alpha_n, alpha_n1, 1.0) is alpha_n1  # the expanded model exactly
+    w = blend(alpha_n, alpha_n1, 0.25)
     assert float(w.sum()) == pytest.approx(1.0)
     assert float(w[2:].sum()) == pytest.approx(0.25 * new_mass)  # injected: beta * B
     assert torch.allclose(w[:2] / w[:2].sum(), alpha_n)  # old branches keep their ratios

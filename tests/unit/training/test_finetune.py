@@ -12,25 +12,18 @@ import torch.nn.functional as F
 
 from mbt_core.artifacts.export import export_artifacts
 from mbt_core.cli.main import main
-from mbt_core.model.checkpoint import load_checkpoint, save_checkpoint
+from mbt_core.model.checkpoint import load_checkpoint
 from mbt_core.model.hf_import import ImportOptions, import_decoder
 from mbt_core.model.masks import outage_masks
 from mbt_core.model.tokenizer import Tokenizer
 from tests.conftest import SAMPLE_TEXT
 from tests.dense_standin import StandinConfig, train_standin
-from tests.hf_models import save_hf
+from tests.hf_models import imported_llama
 
 
 @pytest.fixture
 def imported(tmp_path: Path, tiny_tokenizer: Tokenizer) -> Path:
-    folder = tmp_path / "hf"
-    folder.mkdir()
-    save_hf("llama", folder, tiny_tokenizer)
-    ckpt = import_decoder(folder, ImportOptions(branches=2, dtype="bfloat16"))
-    path = tmp_path / "llama-k2.safetensors"
-    save_checkpoint(path, ckpt.model, ckpt.tokenizer, ckpt.info)
-    (tmp_path / "text.txt").write_text(SAMPLE_TEXT * 3)
-    return path
+    return imported_llama(tmp_path, tiny_tokenizer)
 
 
 def _finetune(path: Path, out: Path, *extra: str) -> int:
